@@ -1,0 +1,99 @@
+"""How strongly a caller authenticated, and what an operation requires of it.
+
+Levels are indexes into the policy's ordered list (0 = weakest). A mapped `acr` decides the level;
+without one, `amr` (RFC 8176) may derive the first or second level, never the top one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# RFC 8176 method values by authentication factor class.
+_KNOWLEDGE = frozenset({"pwd", "pin", "kba"})
+_POSSESSION = frozenset({"hwk", "swk", "otp", "sms", "tel", "sc", "pop"})
+_INHERENCE = frozenset({"fpt", "face", "iris", "retina", "vbm", "bio", "user"})
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerAcr:
+    """One issuer's acr vocabulary: which values prove which level, which to ask for."""
+
+    accept: dict[str, int]
+    # request[level] = acr values to ask for when `level` is required: that level's values, then
+    # those of each stronger level (least friction first).
+    request: tuple[tuple[str, ...], ...]
+
+
+def build_issuer_acr(levels: tuple[str, ...], table: dict[str, tuple[list[str], list[str]]]) -> IssuerAcr:
+    """`table[level] = (accept, request)`; levels missing from the table get no values."""
+    accept: dict[str, int] = {}
+    own: list[list[str]] = []
+    for i, name in enumerate(levels):
+        acc, req = table.get(name, ([], []))
+        for value in acc:
+            accept[value] = i
+        own.append(list(req or acc))
+    request: list[tuple[str, ...]] = []
+    for i in range(len(levels)):
+        seen: list[str] = []
+        for j in range(i, len(levels)):
+            seen.extend(v for v in own[j] if v not in seen)
+        request.append(tuple(seen))
+    return IssuerAcr(accept, tuple(request))
+
+
+def level_from_claims(
+    acr: tuple[str, ...], amr: tuple[str, ...], vocab: IssuerAcr, n_levels: int, amr_derivation: bool
+) -> tuple[int | None, str]:
+    """Return (level, how): how is "acr", "amr" or "" when no level could be established."""
+    best: int | None = None
+    for value in acr:
+        lvl = vocab.accept.get(value)
+        if lvl is not None and (best is None or lvl > best):
+            best = lvl
+    if best is not None:
+        return best, "acr"
+    if not amr_derivation or not amr:
+        return None, ""
+    cap = n_levels - 2  # never the top level from amr alone
+    if cap < 0:
+        return None, ""
+    methods = set(amr)
+    classes = sum(1 for c in (_KNOWLEDGE, _POSSESSION, _INHERENCE) if not c.isdisjoint(methods))
+    derived = 1 if ("mfa" in methods or classes >= 2) else 0
+    return min(derived, cap), "amr"
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """What an operation demands, after risk rules."""
+
+    sensitivity: str
+    public: bool
+    min_level: int | None
+    max_age: int | None
+    required_amr: frozenset[str]
+    risk_rules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Shortfall:
+    strength: bool
+    freshness: bool
+    missing_amr: tuple[str, ...]
+
+    @property
+    def any(self) -> bool:
+        return self.strength or self.freshness or bool(self.missing_amr)
+
+
+def shortfall(
+    req: Requirement, level: int | None, amr: Iterable[str], auth_time: int | None, now: float, skew: int
+) -> Shortfall:
+    strength = req.min_level is not None and (level is None or level < req.min_level)
+    missing = tuple(sorted(req.required_amr.difference(amr))) if req.required_amr else ()
+    fresh_short = False
+    if req.max_age is not None:
+        fresh_short = auth_time is None or now - auth_time > req.max_age + skew
+    return Shortfall(strength, fresh_short, missing)

@@ -1,0 +1,123 @@
+"""The only code that reads `CheckRequest` fields: protobuf in, a frozen RequestAttributes out."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from sidecar.paths import PathError, normalize_path
+
+JWT_AUTHN_NAMESPACE = "envoy.filters.http.jwt_authn"
+_TOKEN68 = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+_BAD_HEADER_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+MAX_HEADER_VALUE = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAttributes:
+    method: str
+    raw_path: str
+    path: str  # canonical; "" when path_error is set
+    path_error: str
+    host: str
+    headers: dict[str, str]
+    is_grpc: bool
+    principal: str
+    source_ip: str
+    jwt_authn: dict[str, Any]
+    context_extensions: dict[str, str]
+    # Authorization: "" none, else the token; `auth_problem` is "ambiguous_credentials" (repeated or
+    # comma-joined credentials) or "malformed_token".
+    bearer: str = ""
+    auth_problem: str = ""
+    other_scheme: bool = False
+    header_problem: str = ""
+    trace_carrier: dict[str, str] = field(default_factory=dict)
+
+
+def from_check_request(req: Any) -> RequestAttributes:
+    """Read a `envoy.service.auth.v3.CheckRequest`. Never raises for hostile content."""
+    attrs = req.attributes
+    http = attrs.request.http
+    header_problem = ""
+    auth_values: list[str] = []
+    headers: dict[str, str]
+    if len(http.header_map.headers):
+        headers = {}
+        for hv in http.header_map.headers:
+            key = hv.key.lower()
+            raw = hv.raw_value
+            try:
+                value = raw.decode("utf-8") if raw else hv.value
+            except UnicodeDecodeError:
+                header_problem = f"header {key[:64]!r} is not valid UTF-8"
+                continue
+            if key == "authorization":
+                auth_values.append(value)
+            prev = headers.get(key)
+            headers[key] = value if prev is None else f"{prev},{value}"
+    else:
+        headers = {k.lower(): v for k, v in http.headers.items()}
+        if "authorization" in headers:
+            auth_values.append(headers["authorization"])
+    for key, value in headers.items():
+        if len(value) > MAX_HEADER_VALUE:
+            header_problem = f"header {key[:64]!r} is too large"
+        elif _BAD_HEADER_CHARS.search(value) or _BAD_HEADER_CHARS.search(key):
+            header_problem = f"header {key[:64]!r} has control characters"
+
+    bearer, auth_problem, other_scheme = _bearer(auth_values)
+
+    raw_path = http.path or headers.get(":path", "")
+    try:
+        path, path_error = normalize_path(raw_path), ""
+    except PathError as e:
+        path, path_error = "", str(e)
+
+    jwt_authn: dict[str, Any] = {}
+    md = attrs.metadata_context.filter_metadata
+    if JWT_AUTHN_NAMESPACE in md:
+        jwt_authn = MessageToDict(md[JWT_AUTHN_NAMESPACE])
+
+    source = attrs.source
+    return RequestAttributes(
+        method=(http.method or headers.get(":method", "")).upper(),
+        raw_path=raw_path,
+        path=path,
+        path_error=path_error,
+        host=(http.host or headers.get(":authority", "")).lower(),
+        headers=headers,
+        is_grpc=headers.get("content-type", "").startswith("application/grpc"),
+        principal=source.principal,
+        source_ip=source.address.socket_address.address,
+        jwt_authn=jwt_authn,
+        context_extensions=dict(attrs.context_extensions),
+        bearer=bearer,
+        auth_problem=auth_problem,
+        other_scheme=other_scheme,
+        header_problem=header_problem,
+        trace_carrier=headers,
+    )
+
+
+def _bearer(values: list[str]) -> tuple[str, str, bool]:
+    """-> (token, problem, other_scheme). Repeated or comma-joined credentials are ambiguous."""
+    if not values:
+        return "", "", False
+    if len(values) > 1:
+        return "", "ambiguous_credentials", False
+    value = values[0].strip()
+    if "," in value:
+        return "", "ambiguous_credentials", False
+    scheme, _, rest = value.partition(" ")
+    if scheme.lower() != "bearer":
+        return "", "", True
+    token = rest.strip()
+    if not token:
+        return "", "malformed_token", False
+    if not _TOKEN68.match(token):
+        return "", "malformed_token", False
+    return token, "", False

@@ -1,0 +1,43 @@
+"""What the sidecar decided, independent of any wire format."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from sidecar.assurance import Requirement
+from sidecar.identity import Identity
+
+
+class Outcome(enum.Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+    STEP_UP = "step_up"
+    UNAUTHENTICATED = "unauthenticated"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One answer. `reason` is a stable snake_case code shared by the log, span, metric and body.
+
+    `error` is the RFC 6750 / RFC 9470 error code of the challenge ("" for none), `acr_values` and
+    `max_age` the step-up hints, `scope` the scopes of an insufficient_scope answer.
+    """
+
+    outcome: Outcome
+    reason: str
+    http_status: int
+    description: str = ""
+    error: str = ""
+    matched_rules: tuple[str, ...] = ()
+    sensitivity: str = ""
+    requirement: Requirement | None = None
+    identity: Identity | None = None
+    acr_values: tuple[str, ...] = ()
+    max_age: int | None = None
+    scope: tuple[str, ...] = ()
+    path: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome is Outcome.ALLOW

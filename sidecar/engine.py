@@ -1,0 +1,246 @@
+"""The decision pipeline, in one place (DESIGN.md §2):
+
+request attributes -> operation lookup -> credentials -> identity + assurance -> permission table
+-> sensitivity requirement (+ risk) -> Decision.
+
+Pure: no I/O, no protobuf. The clock comes in as an argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from sidecar.assurance import Requirement, shortfall
+from sidecar.attributes import RequestAttributes
+from sidecar.decision import Decision, Outcome
+from sidecar.identity import Authenticator, AuthError, Identity, IssuerConfig
+from sidecar.policy import SubjectView, Tables
+from sidecar.risk import RiskRule
+
+
+@dataclass(frozen=True, slots=True)
+class LevelSpec:
+    """One sensitivity level of the policy."""
+
+    name: str
+    public: bool
+    min_level: int | None
+    max_age: int | None
+    required_amr: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamHeaders:
+    subject: str = "x-auth-subject"
+    issuer: str = "x-auth-issuer"
+    assurance: str = "x-auth-assurance"
+    decision_id: str = "x-auth-decision-id"
+
+    def names(self) -> tuple[str, ...]:
+        return (self.subject, self.issuer, self.assurance, self.decision_id)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A loaded, validated, compiled policy. Immutable: a reload builds a new one."""
+
+    name: str
+    version: str
+    realm: str
+    source: str
+    levels: tuple[str, ...]
+    skew: int
+    tables: Tables
+    sensitivity_levels: dict[str, LevelSpec]
+    context_extension_key: str
+    risk_rules: tuple[RiskRule, ...]
+    issuers: tuple[IssuerConfig, ...]
+    authenticator: Authenticator
+    upstream_headers: UpstreamHeaders
+    warnings: tuple[str, ...] = ()
+
+
+class Engine:
+    """Decides one request against one policy."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._auth = policy.authenticator
+        self._issuers = {i.id: i for i in policy.issuers}
+
+    def decide(self, a: RequestAttributes, now: float) -> Decision:
+        p = self.policy
+        # 0. Malformed input is refused before anything reads it.
+        if a.path_error:
+            return Decision(Outcome.DENY, "invalid_path", 400, a.path_error, error="invalid_request")
+        if a.header_problem:
+            return Decision(Outcome.DENY, "invalid_header", 400, a.header_problem, error="invalid_request")
+        if a.method == "" or not a.method.isalpha():
+            return Decision(Outcome.DENY, "invalid_method", 400, "missing or invalid method", error="invalid_request")
+
+        # 1. Which operation is this, and how sensitive? No rule: default deny.
+        rule = p.tables.sensitivity(a.method, a.path)
+        if rule is None:
+            return Decision(Outcome.DENY, "no_matching_rule", 403, "no rule covers this operation", path=a.path)
+        spec = p.sensitivity_levels[rule.level]
+        matched = [rule.id]
+        sensitivity = rule.level
+        if p.context_extension_key and p.context_extension_key in a.context_extensions:
+            ext_name = a.context_extensions[p.context_extension_key]
+            ext = p.sensitivity_levels.get(ext_name)
+            if ext is None:
+                return Decision(
+                    Outcome.DENY, "unknown_sensitivity", 403, "the route names an unknown sensitivity level",
+                    matched_rules=tuple(matched), path=a.path,
+                )
+            merged = _stricter(spec, ext)
+            if merged != spec:
+                sensitivity = f"{rule.level}+{ext_name}"
+                matched.append(f"context_extension:{ext_name}")
+            spec = merged
+
+        # 2. Public operations see no friction.
+        if spec.public:
+            req = Requirement(sensitivity, True, None, None, frozenset())
+            return Decision(
+                Outcome.ALLOW, "public", 200, matched_rules=tuple(matched), sensitivity=sensitivity,
+                requirement=req, path=a.path,
+            )
+
+        # 3. Who is calling? No credential: 401; a bad one: 401 invalid_token.
+        base = dict(matched_rules=tuple(matched), sensitivity=sensitivity, path=a.path)
+        if a.auth_problem == "ambiguous_credentials":
+            return Decision(
+                Outcome.DENY, "ambiguous_credentials", 400, "more than one credential was presented",
+                error="invalid_request", **base,  # type: ignore[arg-type]
+            )
+        try:
+            ident = self._identify(a)
+        except AuthError as e:
+            return Decision(
+                Outcome.UNAUTHENTICATED, e.code, 401, e.description, error="invalid_token", **base,  # type: ignore[arg-type]
+            )
+        if ident is None:
+            return Decision(
+                Outcome.UNAUTHENTICATED, "missing_credential", 401, "authentication is required",
+                **base,  # type: ignore[arg-type]
+            )
+
+        # 4. May this subject call this operation at all?
+        who = _view(ident, a.principal)
+        perm = p.tables.permission(a.method, a.path, who)
+        if not perm.granted:
+            if not ident.is_user:
+                return Decision(
+                    Outcome.UNAUTHENTICATED, "missing_credential", 401, "authentication is required",
+                    identity=ident, **base,  # type: ignore[arg-type]
+                )
+            if perm.missing_scopes:
+                return Decision(
+                    Outcome.DENY, "insufficient_scope", 403, "the token lacks a required scope",
+                    error="insufficient_scope", scope=perm.missing_scopes, identity=ident, **base,  # type: ignore[arg-type]
+                )
+            return Decision(
+                Outcome.DENY, "permission_denied", 403, "the caller may not call this operation",
+                identity=ident, **base,  # type: ignore[arg-type]
+            )
+        matched.append(perm.rule_id)
+        base["matched_rules"] = tuple(matched)
+        if perm.workload:
+            # A workload's own call (no end-user token), granted by an mTLS-principal rule.
+            return Decision(Outcome.ALLOW, "workload_granted", 200, identity=ident, **base)  # type: ignore[arg-type]
+
+        # 5. How strong and how fresh must the authentication be?
+        req = self._requirement(spec, sensitivity, a, now)
+        if req.risk_rules:
+            matched.extend(req.risk_rules)
+            base["matched_rules"] = tuple(matched)
+        short = shortfall(req, ident.level, ident.amr, ident.auth_time, now, p.skew)
+        if short.any:
+            return self._step_up(req, ident, short.strength or bool(short.missing_amr), short.freshness,
+                                 short.missing_amr, base)
+
+        # 6. Allow.
+        return Decision(Outcome.ALLOW, "allowed", 200, requirement=req, identity=ident, **base)  # type: ignore[arg-type]
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def _identify(self, a: RequestAttributes) -> Identity | None:
+        ident = self._auth.from_jwt_authn(a.jwt_authn, a.principal) if a.jwt_authn else None
+        if ident is not None:
+            return ident
+        if a.auth_problem == "malformed_token":
+            raise AuthError("malformed_token", "the bearer token is malformed")
+        if a.bearer:
+            return self._auth.from_bearer(a.bearer, a.principal)
+        if a.principal:
+            return Identity(credential="mtls", principal=a.principal)
+        return None
+
+    def _requirement(self, spec: LevelSpec, sensitivity: str, a: RequestAttributes, now: float) -> Requirement:
+        p = self.policy
+        fired = [r for r in p.risk_rules if r.condition.fires(a, now)]
+        min_level, max_age = spec.min_level, spec.max_age
+        if fired:
+            top = len(p.levels) - 1
+            bump = max(r.raise_by for r in fired)
+            if bump:
+                min_level = min((min_level if min_level is not None else -1) + bump, top)
+            caps = [r.max_age for r in fired if r.max_age is not None]
+            if caps:
+                max_age = min([*caps, *([max_age] if max_age is not None else [])])
+        return Requirement(sensitivity, False, min_level, max_age, spec.required_amr, tuple(r.id for r in fired))
+
+    def _step_up(
+        self,
+        req: Requirement,
+        ident: Identity,
+        strength: bool,
+        freshness: bool,
+        missing_amr: tuple[str, ...],
+        base: dict[str, object],
+    ) -> Decision:
+        p = self.policy
+        acr_values: tuple[str, ...] = ()
+        if strength:
+            issuer = self._issuers[ident.issuer_id]
+            level = req.min_level if req.min_level is not None else 0
+            acr_values = issuer.acr.request[level]
+        max_age = req.max_age if freshness else None
+        if strength and missing_amr and (ident.level is not None and req.min_level is not None
+                                          and ident.level >= req.min_level):
+            reason, text = "amr_missing", f"authentication with {' and '.join(missing_amr)} is required"
+        elif strength:
+            need = p.levels[req.min_level] if req.min_level is not None else p.levels[0]
+            reason, text = "acr_too_low", f"a stronger authentication ({need}) is required"
+        else:
+            reason, text = "auth_too_old", "a more recent authentication is required"
+        if strength and freshness:
+            text += ", and a more recent one"
+        return Decision(
+            Outcome.STEP_UP, reason, 401, text, error="insufficient_user_authentication",
+            requirement=req, identity=ident, acr_values=acr_values, max_age=max_age, **base,  # type: ignore[arg-type]
+        )
+
+
+def _stricter(a: LevelSpec, b: LevelSpec) -> LevelSpec:
+    """Combine two levels so that the result asks at least what each asks."""
+    def _max(x: int | None, y: int | None) -> int | None:
+        return y if x is None else x if y is None else max(x, y)
+
+    def _min(x: int | None, y: int | None) -> int | None:
+        return y if x is None else x if y is None else min(x, y)
+
+    return replace(
+        a,
+        public=a.public and b.public,
+        min_level=_max(a.min_level, b.min_level),
+        max_age=_min(a.max_age, b.max_age),
+        required_amr=a.required_amr | b.required_amr,
+    )
+
+
+def _view(ident: Identity, principal: str) -> SubjectView:
+    if not ident.is_user:
+        return SubjectView(False, "", "", frozenset(), frozenset(), frozenset(), principal)
+    return SubjectView(True, ident.issuer_id, ident.subject, ident.roles, ident.groups, ident.scopes, principal)

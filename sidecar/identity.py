@@ -1,0 +1,288 @@
+"""Credentials -> a verified Identity (who is calling, how strongly they authenticated).
+
+Bearer JWTs are verified with joserfc against the issuer's keys; claims that Envoy's `jwt_authn`
+filter already verified are taken from the CheckRequest's metadata for issuers configured to trust
+it. Verified tokens are cached until they expire.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cachetools
+from joserfc import jws
+from joserfc.errors import (
+    BadSignatureError,
+    DecodeError,
+    InvalidKeyIdError,
+    JoseError,
+    MissingAlgorithmError,
+    UnsupportedAlgorithmError,
+)
+
+from sidecar.assurance import IssuerAcr, level_from_claims
+from sidecar.jwks import KeyProvider
+
+MAX_TOKEN_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimNames:
+    subject: str = "sub"
+    roles: str = "roles"
+    groups: str = "groups"
+    scopes: str = "scope"
+    acr: str = "acr"
+    amr: str = "amr"
+    auth_time: str = "auth_time"
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerConfig:
+    id: str
+    issuer: str
+    audiences: frozenset[str]
+    algorithms: tuple[str, ...]
+    keys: KeyProvider | None
+    jwt_authn_payload: str | None
+    claims: ClaimNames
+    acr: IssuerAcr
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A verified caller. `credential` is "bearer", "jwt_authn" or "mtls" (workload only)."""
+
+    credential: str
+    principal: str = ""
+    issuer_id: str = ""
+    issuer: str = ""
+    subject: str = ""
+    roles: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+    scopes: frozenset[str] = frozenset()
+    acr: tuple[str, ...] = ()
+    amr: tuple[str, ...] = ()
+    auth_time: int | None = None
+    level: int | None = None
+    level_source: str = ""
+
+    @property
+    def is_user(self) -> bool:
+        return self.credential != "mtls"
+
+
+class AuthError(Exception):
+    """A credential that does not verify. `code` is a stable snake_case reason."""
+
+    def __init__(self, code: str, description: str) -> None:
+        super().__init__(description)
+        self.code = code
+        self.description = description
+
+
+class Authenticator:
+    def __init__(
+        self,
+        issuers: tuple[IssuerConfig, ...],
+        *,
+        n_levels: int,
+        amr_derivation: bool,
+        skew: int,
+        clock: Callable[[], float] = time.time,
+        cache_size: int = 10_000,
+        cache_max_ttl: float = 300.0,
+    ) -> None:
+        self._by_iss = {i.issuer: i for i in issuers if i.keys is not None}
+        self._md_issuers = [i for i in issuers if i.jwt_authn_payload]
+        self._md_keys = tuple(dict.fromkeys(i.jwt_authn_payload for i in self._md_issuers if i.jwt_authn_payload))
+        self._n_levels = n_levels
+        self._amr_derivation = amr_derivation
+        self._skew = skew
+        self._clock = clock
+        self._max_ttl = cache_max_ttl
+
+        def _ttu(_key: str, value: tuple[Identity, float], now: float) -> float:
+            return min(value[1], now + cache_max_ttl)
+
+        self._cache: cachetools.TLRUCache[str, tuple[Identity, float]] = cachetools.TLRUCache(
+            maxsize=cache_size, ttu=_ttu, timer=clock
+        )
+
+    # -- jwt_authn metadata ----------------------------------------------------------------
+
+    def from_jwt_authn(self, metadata: Mapping[str, Any], principal: str) -> Identity | None:
+        """Claims that Envoy's jwt_authn verified, for issuers configured to trust them."""
+        for key in self._md_keys:
+            claims = metadata.get(key)
+            if claims is None:
+                continue
+            if not isinstance(claims, dict):
+                raise AuthError("malformed_token", "jwt_authn payload is not an object")
+            iss = claims.get("iss")
+            for cfg in self._md_issuers:
+                if cfg.jwt_authn_payload == key and cfg.issuer == iss:
+                    now = self._clock()
+                    self._check_times(claims, now)
+                    return self._identity(cfg, claims, "jwt_authn", principal, now)
+            raise AuthError("unknown_issuer", "the token's issuer is not trusted")
+        return None
+
+    # -- bearer tokens ----------------------------------------------------------------------
+
+    def from_bearer(self, token: str, principal: str) -> Identity:
+        now = self._clock()
+        hit = self._cache.get(token)
+        if hit is not None:
+            ident = hit[0]
+            return ident if ident.principal == principal else _with_principal(ident, principal)
+        if len(token) > MAX_TOKEN_BYTES:
+            raise AuthError("malformed_token", "token too large")
+        header, unverified = _peek(token)
+        cfg = self._by_iss.get(unverified.get("iss"))  # type: ignore[arg-type]
+        if cfg is None:
+            raise AuthError("unknown_issuer", "the token's issuer is not trusted")
+        alg = header.get("alg")
+        if alg not in cfg.algorithms:
+            raise AuthError("disallowed_algorithm", "the token's algorithm is not allowed for its issuer")
+        assert cfg.keys is not None
+        keyset = cfg.keys.keyset()
+        if keyset is None:
+            raise AuthError("unknown_key", "no verification keys are available")
+        try:
+            obj = jws.deserialize_compact(token, keyset, algorithms=list(cfg.algorithms))
+        except InvalidKeyIdError:
+            raise AuthError("unknown_key", "the token's signing key is not known") from None
+        except BadSignatureError:
+            raise AuthError("bad_signature", "the token's signature does not verify") from None
+        except (UnsupportedAlgorithmError, MissingAlgorithmError):
+            raise AuthError("disallowed_algorithm", "the token's algorithm is not allowed") from None
+        except DecodeError:
+            raise AuthError("malformed_token", "the token is not a well-formed JWS") from None
+        except JoseError as e:
+            raise AuthError("invalid_token", f"the token was rejected ({e.error})") from None
+        except Exception:
+            raise AuthError("malformed_token", "the token could not be decoded") from None
+        try:
+            claims = json.loads(obj.payload)
+        except ValueError:
+            raise AuthError("malformed_token", "the token's payload is not JSON") from None
+        if not isinstance(claims, dict):
+            raise AuthError("malformed_token", "the token's payload is not a JSON object")
+        if claims.get("iss") != cfg.issuer:
+            raise AuthError("unknown_issuer", "the token's issuer is not trusted")
+        aud = claims.get("aud")
+        auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if cfg.audiences and cfg.audiences.isdisjoint(a for a in auds if isinstance(a, str)):
+            raise AuthError("wrong_audience", "the token is not meant for this audience")
+        exp = self._check_times(claims, now)
+        ident = self._identity(cfg, claims, "bearer", principal, now)
+        self._cache[token] = (ident, float(exp) + self._skew)
+        return ident
+
+    def _check_times(self, claims: Mapping[str, Any], now: float) -> float:
+        skew = self._skew
+        exp = claims.get("exp")
+        if not _is_number(exp):
+            raise AuthError("invalid_claim", "the token has no valid 'exp'")
+        if now > exp + skew:
+            raise AuthError("token_expired", "the token has expired")
+        nbf = claims.get("nbf")
+        if nbf is not None and (not _is_number(nbf) or nbf > now + skew):
+            raise AuthError("token_not_yet_valid", "the token is not valid yet")
+        iat = claims.get("iat")
+        if iat is not None and (not _is_number(iat) or iat > now + skew):
+            raise AuthError("token_issued_in_future", "the token's 'iat' lies in the future")
+        return float(exp)
+
+    def _identity(
+        self, cfg: IssuerConfig, claims: Mapping[str, Any], credential: str, principal: str, now: float
+    ) -> Identity:
+        names = cfg.claims
+        sub = _claim(claims, names.subject)
+        if not isinstance(sub, str) or not sub:
+            raise AuthError("invalid_claim", f"the token has no string '{names.subject}'")
+        acr = _strings(claims, names.acr, "acr", allow_str=True)
+        amr = _strings(claims, names.amr, "amr", allow_str=False)
+        auth_time = _claim(claims, names.auth_time)
+        if auth_time is not None:
+            if not _is_number(auth_time):
+                raise AuthError("invalid_claim", "'auth_time' is not a number")
+            if auth_time > now + self._skew:
+                raise AuthError("invalid_claim", "'auth_time' lies in the future")
+            auth_time = int(auth_time)
+        level, how = level_from_claims(acr, amr, cfg.acr, self._n_levels, self._amr_derivation)
+        return Identity(
+            credential=credential,
+            principal=principal,
+            issuer_id=cfg.id,
+            issuer=cfg.issuer,
+            subject=sub,
+            roles=frozenset(_strings(claims, names.roles, "roles", allow_str=True, split=True)),
+            groups=frozenset(_strings(claims, names.groups, "groups", allow_str=True, split=True)),
+            scopes=frozenset(_strings(claims, names.scopes, "scopes", allow_str=True, split=True)),
+            acr=acr,
+            amr=amr,
+            auth_time=auth_time,
+            level=level,
+            level_source=how,
+        )
+
+
+def _with_principal(ident: Identity, principal: str) -> Identity:
+    from dataclasses import replace
+
+    return replace(ident, principal=principal)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _claim(claims: Mapping[str, Any], path: str) -> Any:
+    if path in claims:
+        return claims[path]
+    cur: Any = claims
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def _strings(
+    claims: Mapping[str, Any], path: str, what: str, *, allow_str: bool, split: bool = False
+) -> tuple[str, ...]:
+    v = _claim(claims, path)
+    if v is None:
+        return ()
+    if isinstance(v, str) and allow_str:
+        return tuple(v.split()) if split else (v,)
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return tuple(v)
+    raise AuthError("invalid_claim", f"'{what}' has the wrong type")
+
+
+def _b64json(part: str) -> Any:
+    try:
+        raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        return json.loads(raw)
+    except (binascii.Error, ValueError):
+        raise AuthError("malformed_token", "the token is not a well-formed JWT") from None
+
+
+def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read header and payload WITHOUT verifying, only to choose the issuer's keys."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise AuthError("malformed_token", "the token is not a compact JWS (three parts)")
+    header, payload = _b64json(parts[0]), _b64json(parts[1])
+    if not isinstance(header, dict) or not isinstance(payload, dict):
+        raise AuthError("malformed_token", "the token is not a well-formed JWT")
+    return header, payload

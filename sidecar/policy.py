@@ -1,0 +1,270 @@
+"""The compiled permission and sensitivity tables: pure lookup, no I/O, no protobuf.
+
+Operation patterns are compiled at load into a segment trie, so a lookup walks the request path's
+segments once (with at most three branches per segment: exact, `*`, `**`) whatever the number of
+rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from sidecar.paths import PathError, normalize_path
+
+T = TypeVar("T")
+ANY_METHOD = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    """A parsed operation pattern: an HTTP method (or `*`) and path segments (`*`, `**` allowed)."""
+
+    method: str
+    segments: tuple[str, ...]
+    text: str
+
+
+class PatternError(ValueError):
+    pass
+
+
+def parse_pattern(text: str) -> Pattern:
+    """Parse `/pkg.Service/Method`, `/pkg.Service/*` or `METHOD /a/*/b/**`."""
+    method, _, path = text.rpartition(" ")
+    method = method.strip() or ANY_METHOD
+    if not path.startswith("/"):
+        raise PatternError("a pattern's path must start with '/'")
+    segments = tuple(path.split("/")[1:])
+    for i, seg in enumerate(segments):
+        if seg == "**" and i != len(segments) - 1:
+            raise PatternError("'**' may only be the last segment")
+        if "*" in seg and seg not in ("*", "**"):
+            raise PatternError(f"'*' must be a whole segment, not part of {seg!r}")
+    literal = "/" + "/".join(s if "*" not in s else "x" for s in segments)
+    try:
+        canonical = normalize_path(literal)
+    except PathError as e:
+        raise PatternError(f"path is not canonical: {e}") from None
+    if canonical != literal:
+        raise PatternError(f"path is not in canonical form (it would match as {canonical!r})")
+    return Pattern(method, segments, text)
+
+
+class _Node(Generic[T]):
+    __slots__ = ("children", "dstar", "star", "terminal")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node[T]] = {}
+        self.star: _Node[T] | None = None
+        self.dstar: dict[str, list[T]] | None = None
+        self.terminal: dict[str, list[T]] | None = None
+
+
+class OperationIndex(Generic[T]):
+    """Maps operation patterns to values; finds the most specific match or all matches."""
+
+    def __init__(self) -> None:
+        self._root: _Node[T] = _Node()
+
+    def add(self, pattern: Pattern, value: T) -> list[T]:
+        """Add a value; returns the values already stored under the very same pattern."""
+        node = self._root
+        segs = pattern.segments
+        for i, seg in enumerate(segs):
+            if seg == "**" and i == len(segs) - 1:
+                if node.dstar is None:
+                    node.dstar = {}
+                bucket = node.dstar.setdefault(pattern.method, [])
+                break
+            if seg == "*":
+                if node.star is None:
+                    node.star = _Node()
+                node = node.star
+            else:
+                nxt = node.children.get(seg)
+                if nxt is None:
+                    nxt = node.children[seg] = _Node()
+                node = nxt
+        else:
+            if node.terminal is None:
+                node.terminal = {}
+            bucket = node.terminal.setdefault(pattern.method, [])
+        before = list(bucket)
+        bucket.append(value)
+        return before
+
+    def most_specific(self, method: str, path: str) -> T | None:
+        """The first value of the most specific pattern: exact segments beat `*`, `*` beats `**`,
+        earlier segments weigh more, and an explicit method beats `*`."""
+        for bucket in self._walk(method, path.split("/")[1:]):
+            return bucket[0]
+        return None
+
+    def all_matches(self, method: str, path: str) -> list[T]:
+        out: list[T] = []
+        for bucket in self._walk(method, path.split("/")[1:]):
+            out.extend(bucket)
+        return out
+
+    def _walk(self, method: str, segs: list[str]) -> Iterator[list[T]]:
+        # Iterative depth-first walk in specificity order.
+        stack: list[tuple[_Node[T], int, int]] = [(self._root, 0, 0)]
+        n = len(segs)
+        while stack:
+            node, i, stage = stack.pop()
+            if i == n:
+                if stage == 0:
+                    stack.append((node, i, 1))
+                    if node.terminal:
+                        yield from _by_method(node.terminal, method)
+                    continue
+                if node.dstar:
+                    yield from _by_method(node.dstar, method)
+                continue
+            if stage == 0:
+                stack.append((node, i, 1))
+                child = node.children.get(segs[i])
+                if child is not None:
+                    stack.append((child, i + 1, 0))
+            elif stage == 1:
+                stack.append((node, i, 2))
+                if node.star is not None and segs[i] != "":
+                    stack.append((node.star, i + 1, 0))
+            elif node.dstar:
+                yield from _by_method(node.dstar, method)
+
+
+def _by_method(buckets: dict[str, list[T]], method: str) -> Iterator[list[T]]:
+    exact = buckets.get(method)
+    if exact:
+        yield exact
+    anym = buckets.get(ANY_METHOD)
+    if anym:
+        yield anym
+
+
+# --- rules -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectView:
+    """What the permission table may look at: the caller's identity, reduced to sets."""
+
+    authenticated_user: bool
+    issuer_id: str
+    subject: str
+    roles: frozenset[str]
+    groups: frozenset[str]
+    scopes: frozenset[str]
+    principal: str
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionRule:
+    """A grant: every listed kind must match (AND), any value within a kind (OR)."""
+
+    id: str
+    anyone: bool = False
+    authenticated: bool = False
+    issuers: frozenset[str] = frozenset()
+    users: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+    scopes: frozenset[str] = frozenset()
+    principals_exact: frozenset[str] = frozenset()
+    principals_prefix: tuple[str, ...] = ()
+    workload_only: bool = field(default=False)
+
+    def check(self, who: SubjectView) -> tuple[bool, bool]:
+        """Return (granted, only_scope_missing)."""
+        if self.anyone:
+            return True, False
+        if self.workload_only:
+            # A rule naming only mTLS principals speaks for a workload acting on its own; with an
+            # end-user token present, the user rules (and their assurance) govern.
+            return (not who.authenticated_user and self._principal_ok(who.principal)), False
+        if not who.authenticated_user:
+            return False, False
+        if self.issuers and who.issuer_id not in self.issuers:
+            return False, False
+        if self.users and who.subject not in self.users:
+            return False, False
+        if self.roles and self.roles.isdisjoint(who.roles):
+            return False, False
+        if self.groups and self.groups.isdisjoint(who.groups):
+            return False, False
+        if (self.principals_exact or self.principals_prefix) and not self._principal_ok(who.principal):
+            return False, False
+        if self.scopes and self.scopes.isdisjoint(who.scopes):
+            return False, True
+        return True, False
+
+    def _principal_ok(self, principal: str) -> bool:
+        if not principal:
+            return False
+        if principal in self.principals_exact:
+            return True
+        return any(principal.startswith(p) for p in self.principals_prefix)
+
+
+@dataclass(frozen=True, slots=True)
+class SensitivityRule:
+    id: str
+    level: str
+    pattern: str
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionResult:
+    granted: bool
+    rule_id: str = ""
+    workload: bool = False
+    missing_scopes: tuple[str, ...] = ()
+
+
+class Tables:
+    """The permission and sensitivity tables, compiled."""
+
+    def __init__(
+        self,
+        sensitivity: OperationIndex[SensitivityRule],
+        permissions: OperationIndex[PermissionRule],
+    ) -> None:
+        self._sensitivity = sensitivity
+        self._permissions = permissions
+
+    def sensitivity(self, method: str, path: str) -> SensitivityRule | None:
+        return self._sensitivity.most_specific(method, path)
+
+    def permission(self, method: str, path: str, who: SubjectView) -> PermissionResult:
+        missing: list[str] = []
+        for rule in self._permissions.all_matches(method, path):
+            granted, scope_only = rule.check(who)
+            if granted:
+                return PermissionResult(True, rule.id, workload=rule.workload_only)
+            if scope_only:
+                missing.extend(s for s in sorted(rule.scopes) if s not in missing)
+        return PermissionResult(False, missing_scopes=tuple(missing))
+
+
+def build_index(
+    entries: list[tuple[str, T]],
+    on_error: Callable[[int, str], None],
+    *,
+    unique: Callable[[T], str] | None = None,
+) -> OperationIndex[T]:
+    """Compile (pattern text, value) pairs. `on_error(position, message)` collects problems; with
+    `unique`, two values under the same pattern are an error naming both."""
+    index: OperationIndex[T] = OperationIndex()
+    for pos, (text, value) in enumerate(entries):
+        try:
+            pattern = parse_pattern(text)
+        except PatternError as e:
+            on_error(pos, f"pattern {text!r}: {e}")
+            continue
+        before = index.add(pattern, value)
+        if unique is not None and before:
+            on_error(pos, f"pattern {text!r} is also claimed by rule {unique(before[0])!r}: ties are not allowed")
+    return index

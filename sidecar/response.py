@@ -1,0 +1,118 @@
+"""The only builder of `CheckResponse`: a Decision in, Envoy's wire answer out."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from sidecar.decision import Decision
+from sidecar.engine import UpstreamHeaders
+
+ERROR_DOMAIN = "stepup-sidecar"
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_GRPC_CODE = {400: code_pb2.INVALID_ARGUMENT, 401: code_pb2.UNAUTHENTICATED, 403: code_pb2.PERMISSION_DENIED}
+
+
+def challenge(d: Decision, realm: str) -> str:
+    """The WWW-Authenticate value (RFC 6750 §3, RFC 9470 §3), or "" when the answer has none.
+
+    A plain permission denial carries no challenge: step-up cannot fix it, and hints would reveal
+    who is privileged."""
+    if d.http_status not in (400, 401) and d.error != "insufficient_scope":
+        return ""
+    parts = [f'Bearer realm="{_q(realm)}"']
+    if d.error:
+        parts.append(f'error="{d.error}"')
+        if d.description and d.error != "insufficient_scope":
+            parts.append(f'error_description="{_q(d.description)}"')
+    if d.scope:
+        parts.append(f'scope="{_q(" ".join(d.scope))}"')
+    if d.acr_values:
+        parts.append(f'acr_values="{_q(" ".join(d.acr_values))}"')
+    if d.max_age is not None:
+        parts.append(f"max_age={d.max_age}")
+    return ", ".join(parts)
+
+
+def _q(s: str) -> str:
+    return s.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def allow(d: Decision, decision_id: str, level_names: tuple[str, ...], hdrs: UpstreamHeaders) -> Any:
+    """OK: identity headers overwrite anything the client sent; those we do not set are removed."""
+    values: dict[str, str] = {hdrs.decision_id: decision_id}
+    ident = d.identity
+    if ident is not None and ident.is_user:
+        values[hdrs.subject] = ident.subject
+        values[hdrs.issuer] = ident.issuer
+        if ident.level is not None:
+            values[hdrs.assurance] = level_names[ident.level]
+    ok = external_auth_pb2.OkHttpResponse(
+        headers=[
+            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v), append_action=_OVERWRITE)
+            for k, v in values.items()
+        ],
+        headers_to_remove=[n for n in hdrs.names() if n not in values],
+    )
+    return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK), ok_response=ok)
+
+
+def deny(d: Decision, decision_id: str, realm: str, is_grpc: bool) -> Any:
+    """Non-OK: status, challenge, and a body shaped for the caller (JSON, or a gRPC status)."""
+    headers: list[tuple[str, str]] = []
+    www = challenge(d, realm)
+    if www:
+        headers.append(("www-authenticate", www))
+    error = d.error or "access_denied"
+    grpc_code = _GRPC_CODE.get(d.http_status, code_pb2.PERMISSION_DENIED)
+    if is_grpc:
+        body = f"{error}: {d.description}" if d.description else error
+        info = error_details_pb2.ErrorInfo(reason=d.reason.upper(), domain=ERROR_DOMAIN)
+        info.metadata["reason"] = d.reason
+        info.metadata["decision_id"] = decision_id
+        if d.acr_values:
+            info.metadata["acr_values"] = " ".join(d.acr_values)
+        if d.max_age is not None:
+            info.metadata["max_age"] = str(d.max_age)
+        if d.scope:
+            info.metadata["scope"] = " ".join(d.scope)
+        if d.error == "insufficient_user_authentication":
+            info.reason = "INSUFFICIENT_USER_AUTHENTICATION"
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        st = status_pb2.Status(code=grpc_code, message=body, details=[detail])
+        headers.append(("grpc-status", str(grpc_code)))
+        headers.append(("grpc-status-details-bin", base64.b64encode(st.SerializeToString()).decode()))
+    else:
+        doc: dict[str, object] = {"error": error}
+        if d.description:
+            doc["error_description"] = d.description
+        if d.acr_values:
+            doc["acr_values"] = " ".join(d.acr_values)
+        if d.max_age is not None:
+            doc["max_age"] = d.max_age
+        if d.scope:
+            doc["scope"] = " ".join(d.scope)
+        doc["reason"] = d.reason
+        doc["decision_id"] = decision_id
+        body = json.dumps(doc, separators=(",", ":"))
+        headers.append(("content-type", "application/json"))
+        headers.append(("cache-control", "no-store"))
+    denied = external_auth_pb2.DeniedHttpResponse(
+        status=http_status_pb2.HttpStatus(code=d.http_status),
+        headers=[
+            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v), append_action=_OVERWRITE)
+            for k, v in headers
+        ],
+        body=body,
+    )
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=grpc_code, message=d.reason), denied_response=denied
+    )

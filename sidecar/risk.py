@@ -1,0 +1,78 @@
+"""Risk rules: conditions that raise an operation's requirement (network, device, hours)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from typing import Protocol
+from zoneinfo import ZoneInfo
+
+from sidecar.attributes import RequestAttributes
+
+
+class Condition(Protocol):
+    def fires(self, attrs: RequestAttributes, now: float) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SourceNotIn:
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    def fires(self, attrs: RequestAttributes, now: float) -> bool:
+        try:
+            ip = ipaddress.ip_address(attrs.source_ip)
+        except ValueError:
+            return True  # an unknown source is an untrusted one
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return not any(ip in net for net in self.networks)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceUnknown:
+    header: str
+    known: frozenset[str]
+
+    def fires(self, attrs: RequestAttributes, now: float) -> bool:
+        value = attrs.headers.get(self.header, "").strip()
+        if not value:
+            return True
+        return bool(self.known) and value not in self.known
+
+
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+@dataclass(frozen=True, slots=True)
+class OutsideHours:
+    zone: ZoneInfo
+    days: frozenset[int]  # 0 = Monday
+    start: int  # minutes since midnight
+    end: int
+
+    def fires(self, attrs: RequestAttributes, now: float) -> bool:
+        local = dt.datetime.fromtimestamp(now, self.zone)
+        minute = local.hour * 60 + local.minute
+        if self.start <= self.end:
+            inside = local.weekday() in self.days and self.start <= minute < self.end
+        else:  # window across midnight, e.g. 22:00-06:00; the day is the one it started on
+            if minute >= self.start:
+                inside = local.weekday() in self.days
+            elif minute < self.end:
+                inside = (local.weekday() - 1) % 7 in self.days
+            else:
+                inside = False
+        return not inside
+
+
+@dataclass(frozen=True, slots=True)
+class RiskRule:
+    id: str
+    condition: Condition
+    raise_by: int
+    max_age: int | None
+
+
+def day_index(name: str) -> int:
+    return _DAYS.index(name)

@@ -1,0 +1,242 @@
+"""Thin gRPC layer: Authorization/Check, Explain, health and reflection on one port.
+
+The servicer never raises because of a request's content: any unexpected error becomes a denial
+(fail closed) that is logged, traced and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sidecar import response
+from sidecar.attributes import RequestAttributes, from_check_request
+from sidecar.config import PolicyError, load_policy
+from sidecar.decision import Decision, Outcome
+from sidecar.engine import Engine, Policy
+from sidecar.jwks import RemoteKeys
+from sidecar.telemetry import Telemetry
+
+from sidecar._proto.stepup.v1 import explain_pb2, explain_pb2_grpc  # isort: skip
+
+log = logging.getLogger("stepup")
+
+AUTH_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+EXPLAIN_SERVICE = explain_pb2.DESCRIPTOR.services_by_name["Explain"].full_name
+
+_INTERNAL = Decision(Outcome.DENY, "internal_error", 403, "the request could not be evaluated")
+
+
+def new_decision_id() -> str:
+    return secrets.token_hex(8)
+
+
+@dataclass
+class _Evaluation:
+    decision: Decision
+    attrs: RequestAttributes | None
+    policy: Policy
+    error: BaseException | None
+
+
+class Decider:
+    """Holds the current policy (swapped atomically on reload) and evaluates requests."""
+
+    def __init__(self, policy: Policy, telemetry: Telemetry, clock: Callable[[], float] = time.time) -> None:
+        self.engine = Engine(policy)
+        self.telemetry = telemetry
+        self.clock = clock
+
+    @property
+    def policy(self) -> Policy:
+        return self.engine.policy
+
+    def swap(self, policy: Policy) -> None:
+        self.engine = Engine(policy)
+
+    async def evaluate(self, request: Any) -> _Evaluation:
+        engine = self.engine  # one policy for the whole call, even if a reload lands meanwhile
+        attrs: RequestAttributes | None = None
+        try:
+            attrs = from_check_request(request)
+            decision = engine.decide(attrs, self.clock())
+            if decision.reason == "unknown_key" and await self._refresh_keys(engine.policy):
+                decision = engine.decide(attrs, self.clock())
+            return _Evaluation(decision, attrs, engine.policy, None)
+        except Exception as e:
+            log.exception("internal error while deciding; denying")
+            self.telemetry.metrics.internal_errors.inc()
+            return _Evaluation(_INTERNAL, attrs, engine.policy, e)
+
+    async def _refresh_keys(self, policy: Policy) -> bool:
+        remotes = [i.keys for i in policy.issuers if isinstance(i.keys, RemoteKeys) and i.keys.may_refresh()]
+        if not remotes:
+            return False
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(*(loop.run_in_executor(None, r.refresh) for r in remotes))
+        return any(results)
+
+    def record(self, ev: _Evaluation, decision_id: str, start_ns: int) -> None:
+        try:
+            parent = self.telemetry.parent(ev.attrs.trace_carrier) if ev.attrs is not None else None
+            self.telemetry.record(
+                decision=ev.decision, attrs=ev.attrs, decision_id=decision_id,
+                policy_version=ev.policy.version, level_names=ev.policy.levels,
+                start_ns=start_ns, parent=parent, error=ev.error,
+            )
+        except Exception:
+            log.exception("telemetry failed for decision %s", decision_id)
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(self, decider: Decider) -> None:
+        self.decider = decider
+
+    async def Check(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC method name)
+        start_ns = time.time_ns()
+        decision_id = new_decision_id()
+        ev = await self.decider.evaluate(request)
+        try:
+            d = ev.decision
+            p = ev.policy
+            if d.allowed:
+                resp = response.allow(d, decision_id, p.levels, p.upstream_headers)
+            else:
+                resp = response.deny(d, decision_id, p.realm, ev.attrs.is_grpc if ev.attrs else False)
+        except Exception as e:
+            log.exception("could not build the response; denying")
+            ev = _Evaluation(_INTERNAL, ev.attrs, ev.policy, e)
+            resp = response.deny(_INTERNAL, decision_id, "stepup", False)
+        self.decider.record(ev, decision_id, start_ns)
+        return resp
+
+
+class ExplainServicer(explain_pb2_grpc.ExplainServicer):  # type: ignore[misc]
+    def __init__(self, decider: Decider) -> None:
+        self.decider = decider
+
+    async def Explain(self, request: Any, context: Any) -> Any:  # noqa: N802
+        ev = await self.decider.evaluate(request)
+        return explain_response(ev.decision, ev.policy, new_decision_id(), self.decider.clock())
+
+
+def explain_response(d: Decision, p: Policy, decision_id: str, now: float) -> Any:
+    req = d.requirement
+    ident = d.identity
+    requirement = explain_pb2.Requirement()
+    if req is not None:
+        requirement = explain_pb2.Requirement(
+            sensitivity=req.sensitivity,
+            min_assurance=p.levels[req.min_level] if req.min_level is not None else "",
+            max_age_seconds=req.max_age or 0,
+            required_amr=sorted(req.required_amr),
+            risk_rules=list(req.risk_rules),
+        )
+    elif d.sensitivity:
+        requirement.sensitivity = d.sensitivity
+    presented = explain_pb2.Presented(credential="none", auth_age_seconds=-1)
+    if ident is not None:
+        presented = explain_pb2.Presented(
+            subject=ident.subject, issuer=ident.issuer, principal=ident.principal,
+            assurance=p.levels[ident.level] if ident.level is not None else "",
+            acr=" ".join(ident.acr), amr=list(ident.amr),
+            auth_age_seconds=int(now - ident.auth_time) if ident.auth_time is not None else -1,
+            credential=ident.credential,
+        )
+    return explain_pb2.ExplainResponse(
+        outcome=d.outcome.value, reason=d.reason, http_status=d.http_status, description=d.description,
+        matched_rules=list(d.matched_rules), requirement=requirement, presented=presented,
+        www_authenticate=response.challenge(d, p.realm), policy_version=p.version,
+        decision_id=decision_id, normalized_path=d.path,
+    )
+
+
+class PolicyWatcher:
+    """Reloads the policy when its file (or a ConfigMap's `..data` symlink swap) changes.
+
+    A new policy is validated completely before it replaces the old one; a broken one is reported
+    and the last good policy keeps serving."""
+
+    def __init__(self, path: Path, decider: Decider, interval: float, loader: Callable[[Path], Policy] = load_policy):
+        self.path = path
+        self.decider = decider
+        self.interval = interval
+        self.loader = loader
+        self.last_error: str = ""
+        self._stamp = self._fingerprint()
+
+    def _fingerprint(self) -> tuple[Any, ...]:
+        try:
+            real = os.path.realpath(self.path)
+            st = os.stat(real)
+            # JWKS files are re-read whenever the policy is; a ConfigMap swaps both at once.
+            return (real, st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            return ("missing",)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.check()
+
+    async def check(self) -> bool:
+        stamp = self._fingerprint()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        return await self.reload()
+
+    async def reload(self) -> bool:
+        metrics = self.decider.telemetry.metrics
+        loop = asyncio.get_running_loop()
+        try:
+            policy = await loop.run_in_executor(None, self.loader, self.path)
+        except PolicyError as e:
+            self.last_error = str(e)
+            metrics.reloads.labels("rejected").inc()
+            log.error("policy reload rejected; keeping %s:\n%s", self.decider.policy.version, e)
+            return False
+        except Exception as e:
+            self.last_error = repr(e)
+            metrics.reloads.labels("rejected").inc()
+            log.exception("policy reload failed; keeping %s", self.decider.policy.version)
+            return False
+        old = self.decider.policy.version
+        self.decider.swap(policy)
+        self.last_error = ""
+        metrics.reloads.labels("applied").inc()
+        log.info("policy reloaded: %s -> %s", old, policy.version)
+        for w in policy.warnings:
+            log.warning("policy: %s", w)
+        return True
+
+
+def build_server(decider: Decider, *, explain: bool = True) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 1 << 20)])
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(decider), server)
+    names = [AUTH_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    if explain:
+        explain_pb2_grpc.add_ExplainServicer_to_server(ExplainServicer(decider), server)
+        names.append(EXPLAIN_SERVICE)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(names, server)
+    return server, health_servicer
+
+
+async def set_serving(h: health.aio.HealthServicer, serving: bool, explain: bool = True) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", AUTH_SERVICE, *([EXPLAIN_SERVICE] if explain else [])):
+        await h.set(name, status)

@@ -1,0 +1,234 @@
+"""Traces, decision logs and metrics: one span, one log line and one count per Check.
+
+Span and log carry the same fields under the same stable names; never a token, a credential or a
+header value, and no personal data beyond the subject id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import IO, Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.propagate import get_global_textmap
+from opentelemetry.propagators.b3 import B3MultiFormat
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from sidecar import __version__
+from sidecar.attributes import RequestAttributes
+from sidecar.decision import Decision
+
+log = logging.getLogger("stepup")
+
+SPAN_NAME = "ext_authz.check"
+# Span attribute names (also the decision log's keys, without the "authz." prefix).
+A_OUTCOME = "authz.outcome"
+A_REASON = "authz.reason"
+A_RULES = "authz.rules"
+A_SENSITIVITY = "authz.sensitivity"
+A_REQUIRED = "authz.required_assurance"
+A_REQUIRED_MAX_AGE = "authz.required_max_age"
+A_PRESENTED = "authz.presented_assurance"
+A_POLICY = "authz.policy_version"
+A_DECISION_ID = "authz.decision_id"
+A_SUBJECT = "authz.subject"
+A_ISSUER = "authz.issuer"
+A_PRINCIPAL = "authz.principal"
+A_CREDENTIAL = "authz.credential"
+A_STATUS = "authz.http_status"
+A_RISK = "authz.risk_rules"
+
+
+def build_propagator() -> TextMapPropagator:
+    """OTEL_PROPAGATORS when set; otherwise W3C trace context, falling back to B3 (single or multi)."""
+    if os.environ.get("OTEL_PROPAGATORS"):
+        return get_global_textmap()
+    # Later propagators win: B3 first so that a W3C traceparent, when present, decides.
+    return CompositePropagator([B3MultiFormat(), TraceContextTextMapPropagator()])
+
+
+def tracer_provider_from_env() -> TracerProvider | None:
+    """Honour the standard OTEL_* variables. OTEL_TRACES_EXPORTER: otlp, console or none; when it is
+    unset, OTLP is used if an OTLP endpoint variable is set, else no exporter (spans are not kept)."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    names = os.environ.get("OTEL_TRACES_EXPORTER")
+    if names is None:
+        has_endpoint = any(
+            os.environ.get(v) for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        )
+        names = "otlp" if has_endpoint else "none"
+    exporters: list[SpanExporter] = []
+    for name in (n.strip() for n in names.split(",")):
+        if name == "none" or not name:
+            continue
+        if name == "console":
+            exporters.append(ConsoleSpanExporter())
+        elif name == "otlp":
+            proto = os.environ.get(
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+            )
+            if proto == "grpc":
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExp
+
+                exporters.append(GrpcExp())
+            elif proto == "http/protobuf":
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExp
+
+                exporters.append(HttpExp())
+            else:
+                raise ValueError(f"unsupported OTEL_EXPORTER_OTLP_PROTOCOL {proto!r} (grpc or http/protobuf)")
+        else:
+            raise ValueError(f"unsupported OTEL_TRACES_EXPORTER {name!r} (otlp, console or none)")
+    if not exporters:
+        return None
+    resource = Resource.create({"service.name": "stepup-sidecar", "service.version": __version__})
+    provider = TracerProvider(resource=resource)
+    for exp in exporters:
+        # Bounded queue (OTEL_BSP_MAX_QUEUE_SIZE, default 2048): when the collector is down, spans
+        # are dropped, never queued without bound and never slowing decisions.
+        processor: SpanProcessor = BatchSpanProcessor(exp)
+        provider.add_span_processor(processor)
+    return provider
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.decisions = Counter(
+            "stepup_decisions", "Check decisions by outcome and reason", ["outcome", "reason"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "stepup_check_duration_seconds", "Time to decide one Check (in the sidecar)",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "stepup_policy_reloads", "Policy reload attempts by result", ["result"], registry=self.registry
+        )
+        self.internal_errors = Counter(
+            "stepup_internal_errors", "Checks denied because of an unexpected error", registry=self.registry
+        )
+
+
+class Telemetry:
+    """Records each decision as a span, a JSON log line and metrics."""
+
+    def __init__(
+        self,
+        provider: trace.TracerProvider | None = None,
+        *,
+        decision_log: IO[str] | None = sys.stdout,
+        metrics: Metrics | None = None,
+        propagator: TextMapPropagator | None = None,
+    ) -> None:
+        self.provider = provider
+        self.tracer = (provider or trace.NoOpTracerProvider()).get_tracer("stepup-sidecar", __version__)
+        self.propagator = propagator or build_propagator()
+        self.decision_log = decision_log
+        self.metrics = metrics or Metrics()
+
+    def parent(self, carrier: Mapping[str, str]) -> Context:
+        return self.propagator.extract(carrier)
+
+    def record(
+        self,
+        *,
+        decision: Decision,
+        attrs: RequestAttributes | None,
+        decision_id: str,
+        policy_version: str,
+        level_names: tuple[str, ...],
+        start_ns: int,
+        parent: Context | None,
+        error: BaseException | None = None,
+    ) -> None:
+        fields = decision_fields(decision, decision_id, policy_version, level_names)
+        span = self.tracer.start_span(
+            SPAN_NAME, context=parent, kind=SpanKind.SERVER, start_time=start_ns,
+            attributes={f"authz.{k}": v for k, v in fields.items() if v != "" and v != []},
+        )
+        if attrs is not None:
+            span.set_attribute("http.request.method", attrs.method[:16])
+            span.set_attribute("rpc.system", "grpc" if attrs.is_grpc else "")
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        end_ns = time.time_ns()
+        span.end(end_time=end_ns)
+        duration = (end_ns - start_ns) / 1e9
+        m = self.metrics
+        m.decisions.labels(decision.outcome.value, decision.reason).inc()
+        m.latency.observe(duration)
+        if self.decision_log is not None:
+            ctx = span.get_span_context()
+            line: dict[str, Any] = {
+                "ts": round(end_ns / 1e9, 6),
+                "event": "decision",
+                "trace_id": format(ctx.trace_id, "032x") if ctx.is_valid else "",
+                "span_id": format(ctx.span_id, "016x") if ctx.is_valid else "",
+                **fields,
+                "method": attrs.method[:16] if attrs else "",
+                "grpc": attrs.is_grpc if attrs else False,
+                "duration_us": round(duration * 1e6, 1),
+            }
+            if error is not None:
+                line["error"] = type(error).__name__
+            self.decision_log.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+    def flush(self) -> None:
+        if self.decision_log is not None:
+            try:
+                self.decision_log.flush()
+            except (OSError, ValueError):
+                pass
+
+    def shutdown(self) -> None:
+        self.flush()
+        if isinstance(self.provider, TracerProvider):
+            self.provider.shutdown()
+
+
+def decision_fields(
+    d: Decision, decision_id: str, policy_version: str, level_names: tuple[str, ...]
+) -> dict[str, Any]:
+    """The fields shared by span (as authz.<name>) and decision log. Nothing secret goes here."""
+    req = d.requirement
+    ident = d.identity
+    required = ""
+    if req is not None and req.min_level is not None:
+        required = level_names[req.min_level]
+    presented = ""
+    if ident is not None and ident.level is not None:
+        presented = level_names[ident.level]
+    return {
+        "decision_id": decision_id,
+        "outcome": d.outcome.value,
+        "reason": d.reason,
+        "http_status": d.http_status,
+        "rules": list(d.matched_rules),
+        "sensitivity": d.sensitivity,
+        "required_assurance": required,
+        "required_max_age": req.max_age if req is not None and req.max_age is not None else -1,
+        "risk_rules": list(req.risk_rules) if req is not None else [],
+        "presented_assurance": presented,
+        "subject": ident.subject if ident is not None else "",
+        "issuer": ident.issuer if ident is not None else "",
+        "principal": ident.principal if ident is not None else "",
+        "credential": ident.credential if ident is not None else "none",
+        "policy_version": policy_version,
+    }

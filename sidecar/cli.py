@@ -39,29 +39,56 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="serve Authorization/Check, Explain, health and reflection",
-                       description="Every flag can also be set by the environment variable shown.")
+    s = sub.add_parser(
+        "serve",
+        help="serve Authorization/Check, Explain, health and reflection",
+        description="Every flag can also be set by the environment variable shown.",
+    )
     s.add_argument("--policy", default=_env("POLICY", ""), help="policy YAML file [STEPUP_POLICY]")
-    s.add_argument("--listen", default=_env("LISTEN", "127.0.0.1:9191"),
-                   help="gRPC address HOST:PORT [STEPUP_LISTEN] (default 127.0.0.1:9191)")
-    s.add_argument("--metrics-listen", default=_env("METRICS_LISTEN", ""),
-                   help="Prometheus /metrics address HOST:PORT, off when empty [STEPUP_METRICS_LISTEN]")
-    s.add_argument("--explain", action=argparse.BooleanOptionalAction, default=_env_bool("EXPLAIN", True),
-                   help="serve the Explain service (it reveals policy details) [STEPUP_EXPLAIN] (default on)")
-    s.add_argument("--decision-log", choices=["stdout", "stderr", "off"], default=_env("DECISION_LOG", "stdout"),
-                   help="where JSON decision lines go [STEPUP_DECISION_LOG] (default stdout)")
+    s.add_argument(
+        "--listen",
+        default=_env("LISTEN", "127.0.0.1:9191"),
+        help="gRPC address HOST:PORT [STEPUP_LISTEN] (default 127.0.0.1:9191)",
+    )
+    s.add_argument(
+        "--metrics-listen",
+        default=_env("METRICS_LISTEN", ""),
+        help="Prometheus /metrics address HOST:PORT, off when empty [STEPUP_METRICS_LISTEN]",
+    )
+    s.add_argument(
+        "--explain",
+        action=argparse.BooleanOptionalAction,
+        default=_env_bool("EXPLAIN", True),
+        help="serve the Explain service (it reveals policy details) [STEPUP_EXPLAIN] (default on)",
+    )
+    s.add_argument(
+        "--decision-log",
+        choices=["stdout", "stderr", "off"],
+        default=_env("DECISION_LOG", "stdout"),
+        help="where JSON decision lines go [STEPUP_DECISION_LOG] (default stdout)",
+    )
     s.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="[STEPUP_LOG_LEVEL] (default info)")
-    s.add_argument("--watch-interval", type=float, default=float(_env("WATCH_INTERVAL", "2")),
-                   help="seconds between policy file checks, 0 disables [STEPUP_WATCH_INTERVAL] (default 2)")
-    s.add_argument("--shutdown-grace", type=float, default=float(_env("SHUTDOWN_GRACE", "10")),
-                   help="seconds in-flight calls may take after SIGTERM [STEPUP_SHUTDOWN_GRACE] (default 10)")
+    s.add_argument(
+        "--watch-interval",
+        type=float,
+        default=float(_env("WATCH_INTERVAL", "2")),
+        help="seconds between policy file checks, 0 disables [STEPUP_WATCH_INTERVAL] (default 2)",
+    )
+    s.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=float(_env("SHUTDOWN_GRACE", "10")),
+        help="seconds in-flight calls may take after SIGTERM [STEPUP_SHUTDOWN_GRACE] (default 10)",
+    )
 
     v = sub.add_parser("validate", help="check policy files; exit 1 on any problem")
     v.add_argument("files", nargs="+")
 
     sub.add_parser("schema", help="print the policy's JSON Schema")
 
-    t = sub.add_parser("dev-token", help="mint a token with the example development key (for demos and tests)")
+    t = sub.add_parser(
+        "dev-token", help="mint a token with the example development key (for demos and tests)"
+    )
     t.add_argument("--key", default="examples/keys/dev-private-jwk.json", help="private JWK file")
     t.add_argument("--issuer", default="https://idp.example.test")
     t.add_argument("--audience", default="bank-api")
@@ -72,8 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--amr", default="", help="comma-separated, e.g. pwd,otp")
     t.add_argument("--auth-age", type=int, default=0, help="seconds since authentication (auth_time)")
     t.add_argument("--ttl", type=int, default=600, help="seconds until exp")
-    t.add_argument("--allow-any-key", action="store_true",
-                   help="sign with a key that is not the example development key")
+    t.add_argument(
+        "--allow-any-key", action="store_true", help="sign with a key that is not the example development key"
+    )
     return ap
 
 
@@ -138,8 +166,12 @@ def _dev_token(args: argparse.Namespace) -> int:
     key = import_key(data)
     now = int(time.time())
     claims: dict[str, Any] = {
-        "iss": args.issuer, "aud": args.audience, "sub": args.sub,
-        "iat": now, "exp": now + args.ttl, "auth_time": now - args.auth_age,
+        "iss": args.issuer,
+        "aud": args.audience,
+        "sub": args.sub,
+        "iat": now,
+        "exp": now + args.ttl,
+        "auth_time": now - args.auth_age,
     }
     if args.roles:
         claims["roles"] = [r for r in args.roles.split(",") if r]
@@ -215,7 +247,9 @@ async def _run(args: argparse.Namespace, policy: Any) -> int:
     if args.watch_interval > 0:
         tasks.append(asyncio.ensure_future(watcher.run()))
     await stop.wait()
-    log.info("shutting down: health NOT_SERVING, finishing in-flight calls (grace %.1fs)", args.shutdown_grace)
+    log.info(
+        "shutting down: health NOT_SERVING, finishing in-flight calls (grace %.1fs)", args.shutdown_grace
+    )
     await set_serving(health_servicer, False, args.explain)
     await server.stop(args.shutdown_grace)
     for t in tasks:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -137,8 +136,14 @@ def load_policy(
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise PolicyError([Problem(file, 1, 1, "", f"cannot read the file: {e}")]) from None
-    return load_policy_text(text, file=file, base_dir=path.parent, fetch=fetch, clock=clock,
-                            allow_insecure_jwks_http=allow_insecure_jwks_http)
+    return load_policy_text(
+        text,
+        file=file,
+        base_dir=path.parent,
+        fetch=fetch,
+        clock=clock,
+        allow_insecure_jwks_http=allow_insecure_jwks_http,
+    )
 
 
 def load_policy_text(
@@ -154,7 +159,9 @@ def load_policy_text(
     try:
         doc = _Doc(file, text)
     except _DupKey as e:
-        raise PolicyError([Problem(file, e.line, e.column, _where((*e.path, e.key)), "duplicate key")]) from None
+        raise PolicyError(
+            [Problem(file, e.line, e.column, _where((*e.path, e.key)), "duplicate key")]
+        ) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -181,7 +188,8 @@ def _schema_message(err: jsonschema.ValidationError) -> str:
         return err.message.replace("Additional properties are not allowed", "unknown key(s)")
     if err.validator == "pattern":
         return f"{err.instance!r} does not have the expected form"
-    if err.validator == "oneOf" and "unit s, m, h or d" in str(err.schema.get("description", "")):
+    desc = err.schema.get("description", "") if isinstance(err.schema, dict) else ""
+    if err.validator == "oneOf" and "unit s, m, h or d" in str(desc):
         return f"{err.instance!r} is not a duration (seconds, or e.g. 30s, 15m, 12h, 1d)"
     return err.message
 
@@ -224,7 +232,10 @@ class _Builder:
             if public and any(k in lv for k in ("min_assurance", "max_age", "required_amr")):
                 self.err(where, "a level with 'authentication: none' cannot also set requirements")
             if min_name is not None and min_name not in index:
-                self.err((*where, "min_assurance"), f"unknown assurance level {min_name!r} (known: {', '.join(levels)})")
+                self.err(
+                    (*where, "min_assurance"),
+                    f"unknown assurance level {min_name!r} (known: {', '.join(levels)})",
+                )
             specs[name] = LevelSpec(
                 name=name,
                 public=public,
@@ -269,7 +280,9 @@ class _Builder:
                 sens_entries.append((pat, SensitivityRule(r["id"], r["level"], pat)))
                 sens_pos.append(("sensitivity", "rules", i, "match", j))
         self._unique_ids("sensitivity.rules", d["sensitivity"]["rules"], ("sensitivity", "rules"))
-        sens_index = build_index(sens_entries, lambda pos, m: self.err(sens_pos[pos], m), unique=lambda r: r.id)
+        sens_index = build_index(
+            sens_entries, lambda pos, m: self.err(sens_pos[pos], m), unique=lambda r: r.id
+        )
 
         perm_entries: list[tuple[str, PermissionRule]] = []
         perm_pos: list[PathT] = []
@@ -297,8 +310,11 @@ class _Builder:
         digest = hashlib.sha256(text.encode()).hexdigest()[:12]
         name = d.get("name", "policy")
         authenticator = Authenticator(
-            tuple(issuers), n_levels=len(levels), amr_derivation=assurance.get("amr_derivation", True),
-            skew=skew, clock=self.clock,
+            tuple(issuers),
+            n_levels=len(levels),
+            amr_derivation=assurance.get("amr_derivation", True),
+            skew=skew,
+            clock=self.clock,
         )
         return Policy(
             name=name,
@@ -324,7 +340,9 @@ class _Builder:
                 self.err((*(base or (what,)), i, "id"), f"duplicate rule id {item['id']!r} in {what}")
             seen.add(item["id"])
 
-    def _issuer(self, i: int, raw: dict[str, Any], levels: tuple[str, ...], index: dict[str, int]) -> IssuerConfig | None:
+    def _issuer(
+        self, i: int, raw: dict[str, Any], levels: tuple[str, ...], index: dict[str, int]
+    ) -> IssuerConfig | None:
         where: PathT = ("issuers", i)
         keys: KeyProvider | None = None
         if "jwks_file" in raw and "jwks_uri" in raw:
@@ -342,10 +360,13 @@ class _Builder:
             url = urlparse(raw["jwks_uri"])
             loopback = url.hostname in ("localhost", "127.0.0.1", "::1")
             if url.scheme != "https" and not (loopback or self.allow_insecure_http):
-                self.err((*where, "jwks_uri"), "a JWKS URL must use https (http is accepted only on loopback)")
+                self.err(
+                    (*where, "jwks_uri"), "a JWKS URL must use https (http is accepted only on loopback)"
+                )
             else:
-                remote = RemoteKeys(raw["jwks_uri"], fetch=self.fetch,
-                                    ttl=parse_duration(raw.get("jwks_refresh", 600)))
+                remote = RemoteKeys(
+                    raw["jwks_uri"], fetch=self.fetch, ttl=parse_duration(raw.get("jwks_refresh", 600))
+                )
                 if not remote.refresh():
                     self.warnings.append(
                         f"issuer {raw['id']!r}: JWKS {raw['jwks_uri']} could not be fetched at load;"
@@ -364,11 +385,15 @@ class _Builder:
         seen_acr: dict[str, str] = {}
         for lname, entry in raw["acr"].items():
             if lname not in index:
-                self.err((*where, "acr", lname), f"unknown assurance level {lname!r} (known: {', '.join(levels)})")
+                self.err(
+                    (*where, "acr", lname), f"unknown assurance level {lname!r} (known: {', '.join(levels)})"
+                )
                 continue
             for v in entry["accept"]:
                 if v in seen_acr:
-                    self.err((*where, "acr", lname, "accept"), f"acr {v!r} already proves level {seen_acr[v]!r}")
+                    self.err(
+                        (*where, "acr", lname, "accept"), f"acr {v!r} already proves level {seen_acr[v]!r}"
+                    )
                 seen_acr[v] = lname
             table[lname] = (list(entry["accept"]), list(entry.get("request", [])))
         claims = ClaimNames(**raw.get("claims", {}))
@@ -403,7 +428,9 @@ class _Builder:
             return None
         h1, m1 = map(int, oh["from"].split(":"))
         h2, m2 = map(int, oh["to"].split(":"))
-        days = frozenset(day_index(x) for x in oh.get("days", ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]))
+        days = frozenset(
+            day_index(x) for x in oh.get("days", ["mon", "tue", "wed", "thu", "fri", "sat", "sun"])
+        )
         return OutsideHours(zone, days, h1 * 60 + m1, h2 * 60 + m2)
 
     def _permission(self, i: int, r: dict[str, Any], issuer_ids: set[str]) -> PermissionRule:
@@ -440,7 +467,11 @@ class _Builder:
         )
 
     def _check_satisfiable(
-        self, levels: tuple[str, ...], specs: dict[str, LevelSpec], risks: list[RiskRule], issuers: list[IssuerConfig]
+        self,
+        levels: tuple[str, ...],
+        specs: dict[str, LevelSpec],
+        risks: list[RiskRule],
+        issuers: list[IssuerConfig],
     ) -> None:
         """Every level a sensitivity level or a risk rule can require must be askable of every issuer."""
         top = len(levels) - 1

@@ -8,9 +8,11 @@ Pure: no I/O, no protobuf. The clock comes in as an argument.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
-from sidecar.assurance import Requirement, shortfall
+from sidecar.assurance import Requirement, Shortfall, shortfall
 from sidecar.attributes import RequestAttributes
 from sidecar.decision import Decision, Outcome
 from sidecar.identity import Authenticator, AuthError, Identity, IssuerConfig
@@ -70,28 +72,44 @@ class Engine:
 
     def decide(self, a: RequestAttributes, now: float) -> Decision:
         p = self.policy
+        matched: list[str] = []
+        sensitivity = ""
+
+        def out(outcome: Outcome, reason: str, status: int, text: str = "", **kw: Any) -> Decision:
+            return Decision(
+                outcome,
+                reason,
+                status,
+                text,
+                matched_rules=tuple(matched),
+                sensitivity=sensitivity,
+                path=a.path,
+                **kw,
+            )
+
         # 0. Malformed input is refused before anything reads it.
         if a.path_error:
-            return Decision(Outcome.DENY, "invalid_path", 400, a.path_error, error="invalid_request")
+            return out(Outcome.DENY, "invalid_path", 400, a.path_error, error="invalid_request")
         if a.header_problem:
-            return Decision(Outcome.DENY, "invalid_header", 400, a.header_problem, error="invalid_request")
-        if a.method == "" or not a.method.isalpha():
-            return Decision(Outcome.DENY, "invalid_method", 400, "missing or invalid method", error="invalid_request")
+            return out(Outcome.DENY, "invalid_header", 400, a.header_problem, error="invalid_request")
+        if not a.method.isalpha():
+            return out(
+                Outcome.DENY, "invalid_method", 400, "missing or invalid method", error="invalid_request"
+            )
 
         # 1. Which operation is this, and how sensitive? No rule: default deny.
         rule = p.tables.sensitivity(a.method, a.path)
         if rule is None:
-            return Decision(Outcome.DENY, "no_matching_rule", 403, "no rule covers this operation", path=a.path)
+            return out(Outcome.DENY, "no_matching_rule", 403, "no rule covers this operation")
         spec = p.sensitivity_levels[rule.level]
-        matched = [rule.id]
+        matched.append(rule.id)
         sensitivity = rule.level
         if p.context_extension_key and p.context_extension_key in a.context_extensions:
             ext_name = a.context_extensions[p.context_extension_key]
             ext = p.sensitivity_levels.get(ext_name)
             if ext is None:
-                return Decision(
-                    Outcome.DENY, "unknown_sensitivity", 403, "the route names an unknown sensitivity level",
-                    matched_rules=tuple(matched), path=a.path,
+                return out(
+                    Outcome.DENY, "unknown_sensitivity", 403, "the route names an unknown sensitivity level"
                 )
             merged = _stricter(spec, ext)
             if merged != spec:
@@ -101,67 +119,71 @@ class Engine:
 
         # 2. Public operations see no friction.
         if spec.public:
-            req = Requirement(sensitivity, True, None, None, frozenset())
-            return Decision(
-                Outcome.ALLOW, "public", 200, matched_rules=tuple(matched), sensitivity=sensitivity,
-                requirement=req, path=a.path,
+            return out(
+                Outcome.ALLOW,
+                "public",
+                200,
+                requirement=Requirement(sensitivity, True, None, None, frozenset()),
             )
 
         # 3. Who is calling? No credential: 401; a bad one: 401 invalid_token.
-        base = dict(matched_rules=tuple(matched), sensitivity=sensitivity, path=a.path)
         if a.auth_problem == "ambiguous_credentials":
-            return Decision(
-                Outcome.DENY, "ambiguous_credentials", 400, "more than one credential was presented",
-                error="invalid_request", **base,  # type: ignore[arg-type]
+            return out(
+                Outcome.DENY,
+                "ambiguous_credentials",
+                400,
+                "more than one credential was presented",
+                error="invalid_request",
             )
         try:
             ident = self._identify(a)
         except AuthError as e:
-            return Decision(
-                Outcome.UNAUTHENTICATED, e.code, 401, e.description, error="invalid_token", **base,  # type: ignore[arg-type]
-            )
+            return out(Outcome.UNAUTHENTICATED, e.code, 401, e.description, error="invalid_token")
         if ident is None:
-            return Decision(
-                Outcome.UNAUTHENTICATED, "missing_credential", 401, "authentication is required",
-                **base,  # type: ignore[arg-type]
-            )
+            return out(Outcome.UNAUTHENTICATED, "missing_credential", 401, "authentication is required")
 
-        # 4. May this subject call this operation at all?
-        who = _view(ident, a.principal)
-        perm = p.tables.permission(a.method, a.path, who)
+        # 4. May this subject call this operation at all? (No acr hints: step-up cannot fix it.)
+        perm = p.tables.permission(a.method, a.path, _view(ident, a.principal))
         if not perm.granted:
-            if not ident.is_user:
-                return Decision(
-                    Outcome.UNAUTHENTICATED, "missing_credential", 401, "authentication is required",
-                    identity=ident, **base,  # type: ignore[arg-type]
+            if not ident.is_user:  # a workload without a grant: an end-user token might have one
+                return out(
+                    Outcome.UNAUTHENTICATED,
+                    "missing_credential",
+                    401,
+                    "authentication is required",
+                    identity=ident,
                 )
             if perm.missing_scopes:
-                return Decision(
-                    Outcome.DENY, "insufficient_scope", 403, "the token lacks a required scope",
-                    error="insufficient_scope", scope=perm.missing_scopes, identity=ident, **base,  # type: ignore[arg-type]
+                return out(
+                    Outcome.DENY,
+                    "insufficient_scope",
+                    403,
+                    "the token lacks a required scope",
+                    error="insufficient_scope",
+                    scope=perm.missing_scopes,
+                    identity=ident,
                 )
-            return Decision(
-                Outcome.DENY, "permission_denied", 403, "the caller may not call this operation",
-                identity=ident, **base,  # type: ignore[arg-type]
+            return out(
+                Outcome.DENY,
+                "permission_denied",
+                403,
+                "the caller may not call this operation",
+                identity=ident,
             )
         matched.append(perm.rule_id)
-        base["matched_rules"] = tuple(matched)
         if perm.workload:
             # A workload's own call (no end-user token), granted by an mTLS-principal rule.
-            return Decision(Outcome.ALLOW, "workload_granted", 200, identity=ident, **base)  # type: ignore[arg-type]
+            return out(Outcome.ALLOW, "workload_granted", 200, identity=ident)
 
         # 5. How strong and how fresh must the authentication be?
         req = self._requirement(spec, sensitivity, a, now)
-        if req.risk_rules:
-            matched.extend(req.risk_rules)
-            base["matched_rules"] = tuple(matched)
+        matched.extend(req.risk_rules)
         short = shortfall(req, ident.level, ident.amr, ident.auth_time, now, p.skew)
         if short.any:
-            return self._step_up(req, ident, short.strength or bool(short.missing_amr), short.freshness,
-                                 short.missing_amr, base)
+            return self._step_up(req, ident, short, out)
 
         # 6. Allow.
-        return Decision(Outcome.ALLOW, "allowed", 200, requirement=req, identity=ident, **base)  # type: ignore[arg-type]
+        return out(Outcome.ALLOW, "allowed", 200, requirement=req, identity=ident)
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -177,7 +199,9 @@ class Engine:
             return Identity(credential="mtls", principal=a.principal)
         return None
 
-    def _requirement(self, spec: LevelSpec, sensitivity: str, a: RequestAttributes, now: float) -> Requirement:
+    def _requirement(
+        self, spec: LevelSpec, sensitivity: str, a: RequestAttributes, now: float
+    ) -> Requirement:
         p = self.policy
         fired = [r for r in p.risk_rules if r.condition.fires(a, now)]
         min_level, max_age = spec.min_level, spec.max_age
@@ -189,26 +213,28 @@ class Engine:
             caps = [r.max_age for r in fired if r.max_age is not None]
             if caps:
                 max_age = min([*caps, *([max_age] if max_age is not None else [])])
-        return Requirement(sensitivity, False, min_level, max_age, spec.required_amr, tuple(r.id for r in fired))
+        return Requirement(
+            sensitivity, False, min_level, max_age, spec.required_amr, tuple(r.id for r in fired)
+        )
 
     def _step_up(
-        self,
-        req: Requirement,
-        ident: Identity,
-        strength: bool,
-        freshness: bool,
-        missing_amr: tuple[str, ...],
-        base: dict[str, object],
+        self, req: Requirement, ident: Identity, short: Shortfall, out: Callable[..., Decision]
     ) -> Decision:
         p = self.policy
+        strength = short.strength or bool(short.missing_amr)
+        freshness = short.freshness
+        missing_amr = short.missing_amr
         acr_values: tuple[str, ...] = ()
         if strength:
             issuer = self._issuers[ident.issuer_id]
             level = req.min_level if req.min_level is not None else 0
             acr_values = issuer.acr.request[level]
         max_age = req.max_age if freshness else None
-        if strength and missing_amr and (ident.level is not None and req.min_level is not None
-                                          and ident.level >= req.min_level):
+        if (
+            strength
+            and missing_amr
+            and (ident.level is not None and req.min_level is not None and ident.level >= req.min_level)
+        ):
             reason, text = "amr_missing", f"authentication with {' and '.join(missing_amr)} is required"
         elif strength:
             need = p.levels[req.min_level] if req.min_level is not None else p.levels[0]
@@ -217,14 +243,22 @@ class Engine:
             reason, text = "auth_too_old", "a more recent authentication is required"
         if strength and freshness:
             text += ", and a more recent one"
-        return Decision(
-            Outcome.STEP_UP, reason, 401, text, error="insufficient_user_authentication",
-            requirement=req, identity=ident, acr_values=acr_values, max_age=max_age, **base,  # type: ignore[arg-type]
+        return out(
+            Outcome.STEP_UP,
+            reason,
+            401,
+            text,
+            error="insufficient_user_authentication",
+            requirement=req,
+            identity=ident,
+            acr_values=acr_values,
+            max_age=max_age,
         )
 
 
 def _stricter(a: LevelSpec, b: LevelSpec) -> LevelSpec:
     """Combine two levels so that the result asks at least what each asks."""
+
     def _max(x: int | None, y: int | None) -> int | None:
         return y if x is None else x if y is None else max(x, y)
 
@@ -243,4 +277,6 @@ def _stricter(a: LevelSpec, b: LevelSpec) -> LevelSpec:
 def _view(ident: Identity, principal: str) -> SubjectView:
     if not ident.is_user:
         return SubjectView(False, "", "", frozenset(), frozenset(), frozenset(), principal)
-    return SubjectView(True, ident.issuer_id, ident.subject, ident.roles, ident.groups, ident.scopes, principal)
+    return SubjectView(
+        True, ident.issuer_id, ident.subject, ident.roles, ident.groups, ident.scopes, principal
+    )

@@ -29,7 +29,7 @@ from joserfc.errors import (
 from sidecar.assurance import IssuerAcr, level_from_claims
 from sidecar.jwks import KeyProvider
 
-MAX_TOKEN_BYTES = 16 * 1024
+MAX_TOKEN_BYTES = 8 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +101,9 @@ class Authenticator:
     ) -> None:
         self._by_iss = {i.issuer: i for i in issuers if i.keys is not None}
         self._md_issuers = [i for i in issuers if i.jwt_authn_payload]
-        self._md_keys = tuple(dict.fromkeys(i.jwt_authn_payload for i in self._md_issuers if i.jwt_authn_payload))
+        self._md_keys = tuple(
+            dict.fromkeys(i.jwt_authn_payload for i in self._md_issuers if i.jwt_authn_payload)
+        )
         self._n_levels = n_levels
         self._amr_derivation = amr_derivation
         self._skew = skew
@@ -189,7 +191,7 @@ class Authenticator:
     def _check_times(self, claims: Mapping[str, Any], now: float) -> float:
         skew = self._skew
         exp = claims.get("exp")
-        if not _is_number(exp):
+        if not isinstance(exp, int | float) or isinstance(exp, bool):
             raise AuthError("invalid_claim", "the token has no valid 'exp'")
         if now > exp + skew:
             raise AuthError("token_expired", "the token has expired")

@@ -266,5 +266,7 @@ def build_index(
             continue
         before = index.add(pattern, value)
         if unique is not None and before:
-            on_error(pos, f"pattern {text!r} is also claimed by rule {unique(before[0])!r}: ties are not allowed")
+            on_error(
+                pos, f"pattern {text!r} is also claimed by rule {unique(before[0])!r}: ties are not allowed"
+            )
     return index

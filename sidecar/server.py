@@ -92,9 +92,14 @@ class Decider:
         try:
             parent = self.telemetry.parent(ev.attrs.trace_carrier) if ev.attrs is not None else None
             self.telemetry.record(
-                decision=ev.decision, attrs=ev.attrs, decision_id=decision_id,
-                policy_version=ev.policy.version, level_names=ev.policy.levels,
-                start_ns=start_ns, parent=parent, error=ev.error,
+                decision=ev.decision,
+                attrs=ev.attrs,
+                decision_id=decision_id,
+                policy_version=ev.policy.version,
+                level_names=ev.policy.levels,
+                start_ns=start_ns,
+                parent=parent,
+                error=ev.error,
             )
         except Exception:
             log.exception("telemetry failed for decision %s", decision_id)
@@ -104,7 +109,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
     def __init__(self, decider: Decider) -> None:
         self.decider = decider
 
-    async def Check(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC method name)
+    async def Check(self, request: Any, context: Any) -> Any:
         start_ns = time.time_ns()
         decision_id = new_decision_id()
         ev = await self.decider.evaluate(request)
@@ -127,7 +132,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainServicer):  # type: ignore[misc]
     def __init__(self, decider: Decider) -> None:
         self.decider = decider
 
-    async def Explain(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def Explain(self, request: Any, context: Any) -> Any:
         ev = await self.decider.evaluate(request)
         return explain_response(ev.decision, ev.policy, new_decision_id(), self.decider.clock())
 
@@ -149,17 +154,27 @@ def explain_response(d: Decision, p: Policy, decision_id: str, now: float) -> An
     presented = explain_pb2.Presented(credential="none", auth_age_seconds=-1)
     if ident is not None:
         presented = explain_pb2.Presented(
-            subject=ident.subject, issuer=ident.issuer, principal=ident.principal,
+            subject=ident.subject,
+            issuer=ident.issuer,
+            principal=ident.principal,
             assurance=p.levels[ident.level] if ident.level is not None else "",
-            acr=" ".join(ident.acr), amr=list(ident.amr),
+            acr=" ".join(ident.acr),
+            amr=list(ident.amr),
             auth_age_seconds=int(now - ident.auth_time) if ident.auth_time is not None else -1,
             credential=ident.credential,
         )
     return explain_pb2.ExplainResponse(
-        outcome=d.outcome.value, reason=d.reason, http_status=d.http_status, description=d.description,
-        matched_rules=list(d.matched_rules), requirement=requirement, presented=presented,
-        www_authenticate=response.challenge(d, p.realm), policy_version=p.version,
-        decision_id=decision_id, normalized_path=d.path,
+        outcome=d.outcome.value,
+        reason=d.reason,
+        http_status=d.http_status,
+        description=d.description,
+        matched_rules=list(d.matched_rules),
+        requirement=requirement,
+        presented=presented,
+        www_authenticate=response.challenge(d, p.realm),
+        policy_version=p.version,
+        decision_id=decision_id,
+        normalized_path=d.path,
     )
 
 
@@ -169,7 +184,9 @@ class PolicyWatcher:
     A new policy is validated completely before it replaces the old one; a broken one is reported
     and the last good policy keeps serving."""
 
-    def __init__(self, path: Path, decider: Decider, interval: float, loader: Callable[[Path], Policy] = load_policy):
+    def __init__(
+        self, path: Path, decider: Decider, interval: float, loader: Callable[[Path], Policy] = load_policy
+    ):
         self.path = path
         self.decider = decider
         self.interval = interval
@@ -223,7 +240,9 @@ class PolicyWatcher:
         return True
 
 
-def build_server(decider: Decider, *, explain: bool = True) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+def build_server(
+    decider: Decider, *, explain: bool = True
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 1 << 20)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(decider), server)
     names = [AUTH_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]

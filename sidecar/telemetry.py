@@ -109,11 +109,14 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.decisions = Counter(
-            "stepup_decisions", "Check decisions by outcome and reason", ["outcome", "reason"],
+            "stepup_decisions",
+            "Check decisions by outcome and reason",
+            ["outcome", "reason"],
             registry=self.registry,
         )
         self.latency = Histogram(
-            "stepup_check_duration_seconds", "Time to decide one Check (in the sidecar)",
+            "stepup_check_duration_seconds",
+            "Time to decide one Check (in the sidecar)",
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
             registry=self.registry,
         )
@@ -159,7 +162,10 @@ class Telemetry:
     ) -> None:
         fields = decision_fields(decision, decision_id, policy_version, level_names)
         span = self.tracer.start_span(
-            SPAN_NAME, context=parent, kind=SpanKind.SERVER, start_time=start_ns,
+            SPAN_NAME,
+            context=parent,
+            kind=SpanKind.SERVER,
+            start_time=start_ns,
             attributes={f"authz.{k}": v for k, v in fields.items() if v != "" and v != []},
         )
         if attrs is not None:

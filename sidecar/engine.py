@@ -136,7 +136,7 @@ class Engine:
                 error="invalid_request",
             )
         try:
-            ident = self._identify(a)
+            ident = self._identify(a, now)
         except AuthError as e:
             return out(Outcome.UNAUTHENTICATED, e.code, 401, e.description, error="invalid_token")
         if ident is None:
@@ -187,14 +187,14 @@ class Engine:
 
     # -- steps ------------------------------------------------------------------------------
 
-    def _identify(self, a: RequestAttributes) -> Identity | None:
-        ident = self._auth.from_jwt_authn(a.jwt_authn, a.principal) if a.jwt_authn else None
+    def _identify(self, a: RequestAttributes, now: float) -> Identity | None:
+        ident = self._auth.from_jwt_authn(a.jwt_authn, a.principal, now) if a.jwt_authn else None
         if ident is not None:
             return ident
         if a.auth_problem == "malformed_token":
             raise AuthError("malformed_token", "the bearer token is malformed")
         if a.bearer:
-            return self._auth.from_bearer(a.bearer, a.principal)
+            return self._auth.from_bearer(a.bearer, a.principal, now)
         if a.principal:
             return Identity(credential="mtls", principal=a.principal)
         return None

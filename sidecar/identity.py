@@ -119,7 +119,7 @@ class Authenticator:
 
     # -- jwt_authn metadata ----------------------------------------------------------------
 
-    def from_jwt_authn(self, metadata: Mapping[str, Any], principal: str) -> Identity | None:
+    def from_jwt_authn(self, metadata: Mapping[str, Any], principal: str, now: float) -> Identity | None:
         """Claims that Envoy's jwt_authn verified, for issuers configured to trust them."""
         for key in self._md_keys:
             claims = metadata.get(key)
@@ -130,7 +130,6 @@ class Authenticator:
             iss = claims.get("iss")
             for cfg in self._md_issuers:
                 if cfg.jwt_authn_payload == key and cfg.issuer == iss:
-                    now = self._clock()
                     self._check_times(claims, now)
                     return self._identity(cfg, claims, "jwt_authn", principal, now)
             raise AuthError("unknown_issuer", "the token's issuer is not trusted")
@@ -138,8 +137,7 @@ class Authenticator:
 
     # -- bearer tokens ----------------------------------------------------------------------
 
-    def from_bearer(self, token: str, principal: str) -> Identity:
-        now = self._clock()
+    def from_bearer(self, token: str, principal: str, now: float) -> Identity:
         hit = self._cache.get(token)
         if hit is not None:
             ident = hit[0]

@@ -29,8 +29,15 @@ def _unsigned(header: dict[str, Any], claims: dict[str, Any], sig: bytes = b"") 
 
 
 def _claims(**kw: Any) -> dict[str, Any]:
-    c = {"iss": "https://idp.example.test", "aud": "bank-api", "sub": "mallory", "exp": NOW + 600,
-         "roles": ["admin"], "acr": "phrh", "auth_time": NOW}
+    c = {
+        "iss": "https://idp.example.test",
+        "aud": "bank-api",
+        "sub": "mallory",
+        "exp": NOW + 600,
+        "roles": ["admin"],
+        "acr": "phrh",
+        "auth_time": NOW,
+    }
     c.update(kw)
     return c
 
@@ -65,16 +72,36 @@ BAD_TOKENS = [
     ("alg none", _unsigned({"alg": "none", "typ": "JWT"}, _claims()), "disallowed_algorithm"),
     ("alg None capitalised", _unsigned({"alg": "None"}, _claims()), "disallowed_algorithm"),
     ("HS256 signed with the RSA public key", _hs256_with_public_key(), "disallowed_algorithm"),
-    ("ES256 not in the issuer's allow-list",
-     make_token(header={"alg": "ES256"}, key=ECKey.generate_key("P-256")), "disallowed_algorithm"),
+    (
+        "ES256 not in the issuer's allow-list",
+        make_token(header={"alg": "ES256"}, key=ECKey.generate_key("P-256")),
+        "disallowed_algorithm",
+    ),
     ("garbage", "garbage", "malformed_token"),
     ("three garbage parts", "a.b.c", "malformed_token"),
-    ("payload not an object", _b64(b'{"alg":"RS256"}') + "." + _b64(b"[1]") + "." + _b64(b"x"), "malformed_token"),
-    ("tampered payload",
-     (lambda t: t.split(".")[0] + "." + _b64(json.dumps(_claims(roles=["admin"])).encode()) + "." + t.split(".")[2])(
-         make_token()), "bad_signature"),
-    ("jku header pointing elsewhere is ignored, signature still checked",
-     make_token(header={"jku": "https://evil.example/jwks.json", "kid": "evil"}, key=OTHER_RSA), "unknown_key"),
+    (
+        "payload not an object",
+        _b64(b'{"alg":"RS256"}') + "." + _b64(b"[1]") + "." + _b64(b"x"),
+        "malformed_token",
+    ),
+    (
+        "tampered payload",
+        (
+            lambda t: (
+                t.split(".")[0]
+                + "."
+                + _b64(json.dumps(_claims(roles=["admin"])).encode())
+                + "."
+                + t.split(".")[2]
+            )
+        )(make_token()),
+        "bad_signature",
+    ),
+    (
+        "jku header pointing elsewhere is ignored, signature still checked",
+        make_token(header={"jku": "https://evil.example/jwks.json", "kid": "evil"}, key=OTHER_RSA),
+        "unknown_key",
+    ),
     ("oversized token (over 8 KiB)", make_token(pad="x" * 7000), "malformed_token"),
 ]
 
@@ -87,7 +114,7 @@ def test_bad_tokens_are_refused(engine: Engine, name: str, token: str, reason: s
 
 def test_good_token_yields_identity(example_policy: Policy) -> None:
     ident = example_policy.authenticator.from_bearer(
-        make_token(sub="bob", roles=["teller", "auditor"], scope="payments read", amr=["pwd", "otp"]), ""
+        make_token(sub="bob", roles=["teller", "auditor"], scope="payments read", amr=["pwd", "otp"]), "", NOW
     )
     assert ident.subject == "bob"
     assert ident.roles == {"teller", "auditor"}
@@ -101,40 +128,52 @@ def test_verified_tokens_are_cached_until_expiry() -> None:
     policy = load_policy(EXAMPLE_POLICY, clock=clock)
     auth = policy.authenticator
     token = make_token(exp=NOW + 100)
-    first = auth.from_bearer(token, "")
-    assert auth.from_bearer(token, "") is first  # served from the cache
-    clock.now = NOW + 100 + 61  # past exp + skew
+    first = auth.from_bearer(token, "", clock.now)
+    assert auth.from_bearer(token, "", clock.now) is first  # served from the cache
+    clock.now = NOW + 100 + 61  # past exp + skew: the cache entry expires too
     with pytest.raises(AuthError) as e:
-        auth.from_bearer(token, "")
+        auth.from_bearer(token, "", clock.now)
     assert e.value.code == "token_expired"
 
 
 def test_cached_identity_takes_the_calls_own_principal(example_policy: Policy) -> None:
     token = make_token()
-    a = example_policy.authenticator.from_bearer(token, "spiffe://a")
-    b = example_policy.authenticator.from_bearer(token, "spiffe://b")
+    a = example_policy.authenticator.from_bearer(token, "spiffe://a", NOW)
+    b = example_policy.authenticator.from_bearer(token, "spiffe://b", NOW)
     assert (a.principal, b.principal) == ("spiffe://a", "spiffe://b")
 
 
 def test_entra_style_acrs_list_takes_the_strongest_mapped_value(tmp_path: Any) -> None:
-    text = EXAMPLE_POLICY.read_text().replace("acr: acr", "acr: acrs").replace(
-        "jwks_file: keys/dev-jwks.json", f"jwks_file: {EXAMPLE_POLICY.parent / 'keys' / 'dev-jwks.json'}"
+    text = (
+        EXAMPLE_POLICY.read_text()
+        .replace("acr: acr", "acr: acrs")
+        .replace(
+            "jwks_file: keys/dev-jwks.json", f"jwks_file: {EXAMPLE_POLICY.parent / 'keys' / 'dev-jwks.json'}"
+        )
     )
     p = tmp_path / "p.yaml"
     p.write_text(text)
     policy = load_policy(p, clock=FixedClock(NOW))
-    ident = policy.authenticator.from_bearer(make_token(drop=("acr",), acrs=["urn:okta:loa:1fa:any", "phr"]), "")
+    ident = policy.authenticator.from_bearer(
+        make_token(drop=("acr",), acrs=["urn:okta:loa:1fa:any", "phr"]), "", NOW
+    )
     assert policy.levels[ident.level or 0] == "aal2_phr"
 
 
 def test_nested_claim_paths(tmp_path: Any) -> None:
-    text = EXAMPLE_POLICY.read_text().replace("roles: roles", "roles: realm_access.roles").replace(
-        "jwks_file: keys/dev-jwks.json", f"jwks_file: {EXAMPLE_POLICY.parent / 'keys' / 'dev-jwks.json'}"
+    text = (
+        EXAMPLE_POLICY.read_text()
+        .replace("roles: roles", "roles: realm_access.roles")
+        .replace(
+            "jwks_file: keys/dev-jwks.json", f"jwks_file: {EXAMPLE_POLICY.parent / 'keys' / 'dev-jwks.json'}"
+        )
     )
     p = tmp_path / "p.yaml"
     p.write_text(text)
     policy = load_policy(p, clock=FixedClock(NOW))
-    ident = policy.authenticator.from_bearer(make_token(drop=("roles",), realm_access={"roles": ["teller"]}), "")
+    ident = policy.authenticator.from_bearer(
+        make_token(drop=("roles",), realm_access={"roles": ["teller"]}), "", NOW
+    )
     assert ident.roles == {"teller"}
 
 

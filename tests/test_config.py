@@ -1,0 +1,198 @@
+"""Policy validation: every problem is reported with file, line, column and location."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from sidecar.config import PolicyError, load_policy_text, schema
+from tests.helpers import EXAMPLE_POLICY
+
+KEYS = EXAMPLE_POLICY.parent / "keys" / "dev-jwks.json"
+
+BASE = f"""\
+version: 1
+realm: test
+assurance:
+  levels: [aal1, aal2]
+issuers:
+  - id: dev
+    issuer: https://idp.example.test
+    audiences: [api]
+    jwks_file: {KEYS}
+    acr:
+      aal1: {{accept: [one]}}
+      aal2: {{accept: [two]}}
+sensitivity:
+  levels:
+    low: {{min_assurance: aal1}}
+    high: {{min_assurance: aal2, max_age: 1h}}
+  rules:
+    - {{id: a, match: ["/svc.A/*"], level: low}}
+    - {{id: b, match: ["/svc.A/Write"], level: high}}
+permissions:
+  - id: p
+    match: ["/svc.A/*"]
+    allow: {{roles: [user]}}
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(PolicyError) as e:
+        load_policy_text(text, file="p.yaml")
+    return [str(p) for p in e.value.problems]
+
+
+def test_base_policy_is_valid() -> None:
+    p = load_policy_text(BASE, file="p.yaml")
+    assert p.levels == ("aal1", "aal2") and p.version.startswith("policy@")
+
+
+def test_example_policy_validates_against_the_published_schema() -> None:
+    jsonschema.validate(yaml.safe_load(EXAMPLE_POLICY.read_text()), schema())
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            "    allow: {roles: [user]}",
+            "    allow: {rolez: [user]}",
+            "p.yaml:23:12: permissions[0].allow: unknown key(s) ('rolez' was unexpected)",
+        ),
+        (
+            "max_age: 1h",
+            "max_age: 1 hour",
+            "p.yaml:16:42: sensitivity.levels.high.max_age: '1 hour' is not a duration",
+        ),
+        (
+            "level: high}",
+            "level: highest}",
+            "p.yaml:19:47: sensitivity.rules[1].level: unknown sensitivity level",
+        ),
+        (
+            'match: ["/svc.A/Write"]',
+            'match: ["/svc.A/*"]',
+            "p.yaml:19:23: sensitivity.rules[1].match[0]: pattern '/svc.A/*' is also claimed by rule 'a': ties",
+        ),
+        (
+            'match: ["/svc.A/Write"]',
+            'match: ["/svc.A/../Write"]',
+            "sensitivity.rules[1].match[0]: pattern '/svc.A/../Write': path is not in canonical form",
+        ),
+        (
+            'match: ["/svc.A/Write"]',
+            'match: ["/svc.A/W*"]',
+            "sensitivity.rules[1].match[0]: pattern '/svc.A/W*': '*' must be a whole segment",
+        ),
+        ('match: ["/svc.A/Write"]', 'match: ["/**/Write"]', "'**' may only be the last segment"),
+        (
+            "min_assurance: aal2,",
+            "min_assurance: aal5,",
+            "p.yaml:16:27: sensitivity.levels.high.min_assurance: unknown assurance level 'aal5'",
+        ),
+        (
+            "      aal2: {accept: [two]}\n",
+            "",
+            "p.yaml:11:7: issuers[0].acr: sensitivity level 'high' can require 'aal2', but issuer 'dev' has no acr",
+        ),
+        (
+            "      aal2: {accept: [two]}",
+            "      aal2: {accept: [one]}",
+            "issuers[0].acr.aal2.accept: acr 'one' already proves level 'aal1'",
+        ),
+        (
+            f"jwks_file: {KEYS}",
+            "jwks_file: /nonexistent/jwks.json",
+            "p.yaml:9:16: issuers[0].jwks_file: cannot read JWKS file '/nonexistent/jwks.json'",
+        ),
+        (
+            "    audiences: [api]\n",
+            "",
+            "issuers[0]: an issuer whose tokens the sidecar verifies needs 'audiences'",
+        ),
+        (
+            f"jwks_file: {KEYS}",
+            "jwks_uri: http://idp.example.test/jwks",
+            "issuers[0].jwks_uri: a JWKS URL must use https",
+        ),
+        ("version: 1", "version: 2", "p.yaml:1:10: version: 1 was expected"),
+        ("realm: test", "realm: 'te\"st'", "realm: 'te\"st' does not have the expected form"),
+    ],
+)
+def test_problem_is_reported_where_it_is(old: str, new: str, expected: str) -> None:
+    assert old in BASE
+    found = problems(BASE.replace(old, new))
+    assert any(expected in p for p in found), found
+
+
+def test_every_problem_is_collected_not_just_the_first() -> None:
+    text = BASE.replace("max_age: 1h", "max_age: soon").replace(
+        "rules:\n", "rules:\n    - {id: a, match: [x], level: low}\n"
+    )
+    found = problems(text.replace("allow: {roles: [user]}", "allow: {}"))
+    assert len(found) >= 3, found
+
+
+def test_duplicate_yaml_keys_are_refused() -> None:
+    found = problems(BASE.replace("realm: test", "realm: test\nrealm: other"))
+    assert found == ["p.yaml:3:1: realm: duplicate key"]
+
+
+def test_yaml_syntax_error_names_the_line() -> None:
+    found = problems(BASE + "permissions: [\n")
+    assert found[0].startswith("p.yaml:") and "invalid YAML" in found[0]
+
+
+def test_risk_rule_that_raises_beyond_the_acr_table_is_refused() -> None:
+    text = (
+        BASE.replace("      aal2: {accept: [two]}\n", "      aal2: {accept: [two]}\n").replace(
+            "levels: [aal1, aal2]", "levels: [aal1, aal2, aal3]"
+        )
+        + "risk:\n  - {id: net, when: {source_not_in: [10.0.0.0/8]}, raise: 1}\n"
+    )
+    found = problems(text)
+    assert any("raised by risk rule 'net' can require 'aal3'" in p for p in found), found
+
+
+def test_bad_cidr_and_time_zone_are_reported() -> None:
+    text = BASE + (
+        "risk:\n"
+        "  - {id: net, when: {source_not_in: [10.0.0.1/8]}, raise: 0}\n"
+        "  - {id: hours, when: {outside_hours: {timezone: Mars/Olympus, from: '07:00', to: '19:00'}}, raise: 0}\n"
+    )
+    found = problems(text)
+    assert any("risk[0].when.source_not_in[0]: not a network" in p for p in found), found
+    assert any("risk[1].when.outside_hours.timezone: unknown time zone 'Mars/Olympus'" in p for p in found)
+
+
+def test_principal_pattern_allows_only_a_trailing_star() -> None:
+    found = problems(BASE.replace("allow: {roles: [user]}", "allow: {principals: ['spiffe://*/ns/x']}"))
+    assert any("'*' is only allowed at the end of a principal" in p for p in found)
+
+
+def test_validate_command_exit_codes(tmp_path: Path) -> None:
+    good = subprocess.run(
+        [sys.executable, "-m", "sidecar", "validate", str(EXAMPLE_POLICY)], capture_output=True, text=True
+    )
+    assert good.returncode == 0 and "ok (bank-demo@" in good.stdout
+    bad_file = tmp_path / "bad.yaml"
+    bad_file.write_text(BASE.replace("max_age: 1h", "max_age: soon"))
+    bad = subprocess.run(
+        [sys.executable, "-m", "sidecar", "validate", str(bad_file)], capture_output=True, text=True
+    )
+    assert bad.returncode == 1
+    assert f"{bad_file}:16:42: sensitivity.levels.high.max_age:" in bad.stderr
+
+
+def test_schema_command_prints_the_schema() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar", "schema"], capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout)["title"].startswith("stepup-sidecar policy")

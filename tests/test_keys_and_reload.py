@@ -1,0 +1,154 @@
+"""JWKS from a URL (cached, refreshed on an unknown kid, rate-limited) and policy hot reload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from joserfc.jwk import RSAKey
+
+from sidecar.attributes import from_check_request
+from sidecar.config import load_policy
+from sidecar.engine import Engine
+from sidecar.jwks import RemoteKeys
+from sidecar.server import Decider, PolicyWatcher
+from sidecar.telemetry import Metrics, Telemetry
+from tests.helpers import EXAMPLE_POLICY, NOW, PRIVATE_JWK, FixedClock, check_request, make_token
+
+BALANCE = "/bank.v1.Accounts/GetBalance"
+URL = "https://idp.example.test/jwks"
+
+
+class FakeIdP:
+    """A JWKS endpoint double: serves `keys`, counts fetches, can be taken down."""
+
+    def __init__(self, *keys: dict[str, Any]) -> None:
+        self.keys = list(keys)
+        self.fetches = 0
+        self.down = False
+
+    def __call__(self, url: str, timeout: float) -> bytes:
+        assert url == URL
+        self.fetches += 1
+        if self.down:
+            raise OSError("connection refused")
+        return json.dumps({"keys": self.keys}).encode()
+
+
+def _public(jwk: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in jwk.items() if k in ("kty", "n", "e", "kid", "alg", "use")}
+
+
+ROTATED = RSAKey.generate_key(2048, parameters={"kid": "rotated-2"})
+
+
+def _policy_with_url(tmp_path: Path, idp: FakeIdP, clock: FixedClock) -> Any:
+    text = EXAMPLE_POLICY.read_text().replace("jwks_file: keys/dev-jwks.json", f"jwks_uri: {URL}")
+    p = tmp_path / "policy.yaml"
+    p.write_text(text)
+    return load_policy(p, fetch=idp, clock=clock)
+
+
+def _decide(engine: Engine, token: str) -> str:
+    return engine.decide(from_check_request(check_request(BALANCE, token=token)), NOW).reason
+
+
+def test_keys_are_fetched_at_load_and_cached(tmp_path: Path) -> None:
+    idp = FakeIdP(_public(PRIVATE_JWK))
+    engine = Engine(_policy_with_url(tmp_path, idp, FixedClock(NOW)))
+    assert _decide(engine, make_token()) == "allowed"
+    assert _decide(engine, make_token(sub="bob")) == "allowed"
+    assert idp.fetches == 1
+
+
+def test_unknown_kid_triggers_one_rate_limited_refresh(tmp_path: Path) -> None:
+    idp = FakeIdP(_public(PRIVATE_JWK))
+    policy = _policy_with_url(tmp_path, idp, FixedClock(NOW))
+    decider = Decider(policy, Telemetry(None, decision_log=None, metrics=Metrics()), FixedClock(NOW))
+    rotated_token = make_token(header={"kid": "rotated-2"}, key=ROTATED)
+    remote = policy.issuers[0].keys
+    assert isinstance(remote, RemoteKeys)
+    remote._last_attempt = float("-inf")  # the load-time fetch does not count against the limit here
+    idp.keys.append(_public(ROTATED.as_dict(private=False)))
+    ev = asyncio.run(decider.evaluate(check_request(BALANCE, token=rotated_token)))
+    assert ev.decision.reason == "allowed" and idp.fetches == 2
+    # A flood of made-up kids does not hammer the IdP: at most one fetch per interval.
+    for i in range(5):
+        ev = asyncio.run(
+            decider.evaluate(check_request(BALANCE, token=make_token(header={"kid": f"bogus{i}"})))
+        )
+        assert ev.decision.reason == "unknown_key"
+    assert idp.fetches == 2
+
+
+def test_idp_down_keeps_the_cached_keys(tmp_path: Path) -> None:
+    idp = FakeIdP(_public(PRIVATE_JWK))
+    policy = _policy_with_url(tmp_path, idp, FixedClock(NOW))
+    remote = policy.issuers[0].keys
+    assert isinstance(remote, RemoteKeys)
+    idp.down = True
+    remote._last_attempt = float("-inf")
+    assert remote.refresh() is False and remote.fetch_failures == 1
+    assert _decide(Engine(policy), make_token()) == "allowed"
+
+
+def test_idp_down_at_start_refuses_tokens_with_a_warning(tmp_path: Path) -> None:
+    idp = FakeIdP(_public(PRIVATE_JWK))
+    idp.down = True
+    policy = _policy_with_url(tmp_path, idp, FixedClock(NOW))
+    assert any("could not be fetched" in w for w in policy.warnings)
+    assert _decide(Engine(policy), make_token()) == "unknown_key"
+
+
+# --- hot reload --------------------------------------------------------------------------------
+def _configmap(tmp_path: Path, version: str, policy_text: str) -> None:
+    """Lay out files like a mounted ConfigMap: each key is a symlink into ..data, ..data -> ..<ver>."""
+    d = tmp_path / f"..{version}"
+    d.mkdir()
+    (d / "policy.yaml").write_text(policy_text)
+    shutil.copy(EXAMPLE_POLICY.parent / "keys" / "dev-jwks.json", d / "dev-jwks.json")
+    tmp = tmp_path / "..data_tmp"
+    tmp.symlink_to(d.name)
+    tmp.replace(tmp_path / "..data")  # atomic rename, as kubelet does
+    for name in ("policy.yaml", "dev-jwks.json"):
+        link = tmp_path / name
+        if not link.is_symlink():
+            link.symlink_to(f"..data/{name}")
+
+
+def _text(transfer_level: str = "high") -> str:
+    t = EXAMPLE_POLICY.read_text().replace("jwks_file: keys/dev-jwks.json", "jwks_file: dev-jwks.json")
+    return t.replace(
+        'match: ["/bank.v1.Payments/Transfer", "POST /v1/transfers"], level: high',
+        f'match: ["/bank.v1.Payments/Transfer", "POST /v1/transfers"], level: {transfer_level}',
+    )
+
+
+@pytest.mark.parametrize("broken", ["version: [", "version: 1\n", _text("nonexistent")])
+def test_configmap_swap_reloads_or_keeps_last_good(tmp_path: Path, broken: str) -> None:
+    _configmap(tmp_path, "v1", _text())
+    metrics = Metrics()
+    decider = Decider(
+        load_policy(tmp_path / "policy.yaml"), Telemetry(None, decision_log=None, metrics=metrics)
+    )
+    watcher = PolicyWatcher(tmp_path / "policy.yaml", decider, interval=0.05)
+    v1 = decider.policy.version
+
+    async def scenario() -> None:
+        assert await watcher.check() is False  # nothing changed
+        _configmap(tmp_path, "v2", broken)
+        assert await watcher.check() is False
+        assert decider.policy.version == v1 and "policy.yaml" in watcher.last_error
+        _configmap(tmp_path, "v3", _text("low"))
+        assert await watcher.check() is True
+        assert decider.policy.version != v1 and watcher.last_error == ""
+
+    asyncio.run(scenario())
+    assert metrics.registry.get_sample_value("stepup_policy_reloads_total", {"result": "rejected"}) == 1
+    assert metrics.registry.get_sample_value("stepup_policy_reloads_total", {"result": "applied"}) == 1
+    rule = decider.policy.tables.sensitivity("POST", "/bank.v1.Payments/Transfer")
+    assert rule is not None and rule.level == "low"

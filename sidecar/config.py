@@ -69,42 +69,63 @@ def _where(path: PathT) -> str:
 
 
 class _Doc:
-    """YAML data plus the line/column of every node, to report problems where they are."""
+    """YAML data plus, when a problem must be located, the line/column of every node.
+
+    The common case (a valid file) parses once with libyaml; marks are computed only when there
+    is a problem to report, so large policies load fast."""
 
     def __init__(self, file: str, text: str) -> None:
         self.file = file
-        self.marks: dict[PathT, tuple[int, int]] = {}
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        self.data = self._build(node, ()) if node is not None else None
-
-    def _build(self, node: yaml.Node, path: PathT) -> Any:
-        self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
-        if isinstance(node, yaml.MappingNode):
-            out: dict[Any, Any] = {}
-            for knode, vnode in node.value:
-                key = self._scalar(knode)
-                if key in out:
-                    raise _DupKey(path, key, knode.start_mark.line + 1, knode.start_mark.column + 1)
-                out[key] = self._build(vnode, (*path, key))
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self._build(v, (*path, i)) for i, v in enumerate(node.value)]
-        return self._scalar(node)
-
-    @staticmethod
-    def _scalar(node: yaml.Node) -> Any:
-        loader = yaml.SafeLoader("")
+        self.text = text
+        self._marks: dict[PathT, tuple[int, int]] | None = None
         try:
-            return loader.construct_object(node, deep=True)
-        finally:
-            loader.dispose()
+            self.data: Any = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+        except _DupKey:
+            self.marks()  # raises _DupKey with the key's full path
+
+    def marks(self) -> dict[PathT, tuple[int, int]]:
+        if self._marks is None:
+            self._marks = {}
+            node = yaml.compose(self.text, Loader=_Loader)
+            if node is not None:
+                self._walk(node, ())
+        return self._marks
+
+    def _walk(self, node: yaml.Node, path: PathT) -> None:
+        assert self._marks is not None
+        self._marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for knode, vnode in node.value:
+                key = knode.value if isinstance(knode, yaml.ScalarNode) else repr(knode)
+                if key in seen:
+                    raise _DupKey(path, key, knode.start_mark.line + 1, knode.start_mark.column + 1)
+                seen.add(key)
+                self._walk(vnode, (*path, key))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                self._walk(v, (*path, i))
 
     def problem(self, path: PathT, message: str) -> Problem:
+        marks = self.marks()
         p = path
-        while p not in self.marks and p:
+        while p not in marks and p:
             p = p[:-1]
-        line, col = self.marks.get(p, (1, 1))
+        line, col = marks.get(p, (1, 1))
         return Problem(self.file, line, col, _where(path), message)
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """SafeLoader (libyaml when available) that refuses duplicate mapping keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for knode, _ in node.value:
+            key = knode.value if isinstance(knode, yaml.ScalarNode) else id(knode)
+            if key in seen:
+                raise _DupKey((), key, knode.start_mark.line + 1, knode.start_mark.column + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
 
 
 class _DupKey(Exception):

@@ -57,8 +57,12 @@ def generated_policy(n_rules: int, tmp: Path) -> Path:
     out.append('    - {id: transfer, match: ["/bank.v1.Payments/Transfer"], level: high}\n')
     out.append("permissions:\n")
     for i in range(half):
-        out.append(f'  - {{id: p{i}, match: ["/gen{i % 97}.v1.Service{i}/*"], allow: {{roles: [role{i % 500}]}}}}\n')
-    out.append('  - {id: tx, match: ["/bank.v1.Payments/Transfer"], allow: {roles: [teller], scopes: [payments]}}\n')
+        out.append(
+            f'  - {{id: p{i}, match: ["/gen{i % 97}.v1.Service{i}/*"], allow: {{roles: [role{i % 500}]}}}}\n'
+        )
+    out.append(
+        '  - {id: tx, match: ["/bank.v1.Payments/Transfer"], allow: {roles: [teller], scopes: [payments]}}\n'
+    )
     tail = base[base.index("risk:\n") :]
     out.append(tail)
     p = tmp / "generated.yaml"
@@ -71,10 +75,17 @@ def scenarios(policy: Policy, gen: bool) -> dict[str, bytes]:
     teller = make_token(now=now)
     strong = make_token(now=now, acr=ACR_PHR)
     svc = "/gen7.v1.Service99907/Get" if gen else "/bank.v1.Accounts/GetBalance"
-    hdrs = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "user-agent": "grpc-go/1.70",
-            "x-request-id": "a3f1c6c2-1b1e-4c55-9d6e-3f5c2a8c9e11", "x-forwarded-proto": "http", "te": "trailers"}
+    hdrs = {
+        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "user-agent": "grpc-go/1.70",
+        "x-request-id": "a3f1c6c2-1b1e-4c55-9d6e-3f5c2a8c9e11",
+        "x-forwarded-proto": "http",
+        "te": "trailers",
+    }
     reqs = {
-        "allow (low)": check_request(svc, token=make_token(now=now, roles=["role7"]) if gen else teller, headers=hdrs),
+        "allow (low)": check_request(
+            svc, token=make_token(now=now, roles=["role7"]) if gen else teller, headers=hdrs
+        ),
         "allow (transfer, phr)": check_request("/bank.v1.Payments/Transfer", token=strong, headers=hdrs),
         "step-up (transfer, pwd)": check_request("/bank.v1.Payments/Transfer", token=teller, headers=hdrs),
         "deny (no rule)": check_request("/nope.v1.X/Y", token=teller, headers=hdrs),
@@ -87,7 +98,9 @@ def run(policy: Policy, label: str, n: int, rounds: int, gen: bool) -> None:
     tel_bare = Telemetry(None, decision_log=None, metrics=Metrics())
     tel_full = Telemetry(TracerProvider(), decision_log=io.StringIO(), metrics=Metrics())
     print(f"\n== {label} (policy {policy.version})")
-    print(f"{'scenario':26} {'parse':>7} {'attrs':>7} {'decide':>7} {'resp':>7} {'check':>7} {'+otel':>7}  ratio")
+    print(
+        f"{'scenario':26} {'parse':>7} {'attrs':>7} {'decide':>7} {'resp':>7} {'check':>7} {'+otel':>7}  ratio"
+    )
     for name, raw in scenarios(policy, gen).items():
         req = external_auth_pb2.CheckRequest.FromString(raw)
         attrs = from_check_request(req)
@@ -104,23 +117,39 @@ def run(policy: Policy, label: str, n: int, rounds: int, gen: bool) -> None:
                 resp = response.allow(dd, did, policy.levels, policy.upstream_headers)
             else:
                 resp = response.deny(dd, did, policy.realm, a.is_grpc)
-            tel.record(decision=dd, attrs=a, decision_id=did, policy_version=policy.version,
-                       level_names=policy.levels, start_ns=start, parent=tel.parent(a.trace_carrier))
+            tel.record(
+                decision=dd,
+                attrs=a,
+                decision_id=did,
+                policy_version=policy.version,
+                level_names=policy.levels,
+                start_ns=start,
+                parent=tel.parent(a.trace_carrier),
+            )
             resp.SerializeToString()
 
         t_parse = median_us(lambda raw=raw: external_auth_pb2.CheckRequest.FromString(raw), n, rounds)
         t_attrs = median_us(lambda req=req: from_check_request(req), n, rounds)
         t_decide = median_us(lambda attrs=attrs, now=now: engine.decide(attrs, now), n, rounds)
         if d.allowed:
-            t_resp = median_us(lambda d=d: response.allow(d, "x", policy.levels, policy.upstream_headers)
-                               .SerializeToString(), n, rounds)
+            t_resp = median_us(
+                lambda d=d: response.allow(
+                    d, "x", policy.levels, policy.upstream_headers
+                ).SerializeToString(),
+                n,
+                rounds,
+            )
         else:
-            t_resp = median_us(lambda d=d: response.deny(d, "x", policy.realm, True).SerializeToString(), n, rounds)
+            t_resp = median_us(
+                lambda d=d: response.deny(d, "x", policy.realm, True).SerializeToString(), n, rounds
+            )
         t_check = median_us(lambda: check(tel_bare), n, rounds)
         t_full = median_us(lambda: check(tel_full), n, rounds)
-        print(f"{name:26} {t_parse:7.1f} {t_attrs:7.1f} {t_decide:7.1f} {t_resp:7.1f} {t_check:7.1f} {t_full:7.1f}"
-              f"  decide/parse={t_decide / t_parse:.2f} check/parse={t_check / t_parse:.1f}"
-              f" +otel/parse={t_full / t_parse:.1f}  [{d.reason}]")
+        print(
+            f"{name:26} {t_parse:7.1f} {t_attrs:7.1f} {t_decide:7.1f} {t_resp:7.1f} {t_check:7.1f} {t_full:7.1f}"
+            f"  decide/parse={t_decide / t_parse:.2f} check/parse={t_check / t_parse:.1f}"
+            f" +otel/parse={t_full / t_parse:.1f}  [{d.reason}]"
+        )
 
 
 def main() -> int:
@@ -129,16 +158,23 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--n", type=int, default=2000)
     args = ap.parse_args()
-    print("columns: median µs per call; parse = CheckRequest.FromString (baseline);"
-          " check = parse+attrs+decide+response+metrics; +otel = check with an SDK span and a decision log line")
+    print(
+        "columns: median µs per call; parse = CheckRequest.FromString (baseline);"
+        " check = parse+attrs+decide+response+metrics; +otel = check with an SDK span and a decision log line"
+    )
     run(load_policy(EXAMPLE_POLICY), "example policy", args.n, args.rounds, gen=False)
     with tempfile.TemporaryDirectory() as tmp:
         path = generated_policy(args.rules, Path(tmp))
         t0 = time.perf_counter()
         policy = load_policy(path)
         load_s = time.perf_counter() - t0
-        run(policy, f"generated policy, {args.rules} rules (loaded in {load_s:.1f} s)", args.n, args.rounds,
-            gen=True)
+        run(
+            policy,
+            f"generated policy, {args.rules} rules (loaded in {load_s:.1f} s)",
+            args.n,
+            args.rounds,
+            gen=True,
+        )
     return 0
 
 

@@ -63,11 +63,14 @@ def from_check_request(req: Any) -> RequestAttributes:
         headers = {k.lower(): v for k, v in http.headers.items()}
         if "authorization" in headers:
             auth_values.append(headers["authorization"])
-    for key, value in headers.items():
-        if len(value) > MAX_HEADER_VALUE:
-            header_problem = f"header {key[:64]!r} is too large"
-        elif _BAD_HEADER_CHARS.search(value) or _BAD_HEADER_CHARS.search(key):
-            header_problem = f"header {key[:64]!r} has control characters"
+    joined = "".join(headers.values())
+    if len(joined) > MAX_HEADER_VALUE or not joined.isprintable():
+        # Rare path: find which header is oversized or carries control characters (tab is fine).
+        for key, value in headers.items():
+            if len(value) > MAX_HEADER_VALUE:
+                header_problem = f"header {key[:64]!r} is too large"
+            elif _BAD_HEADER_CHARS.search(value):
+                header_problem = f"header {key[:64]!r} has control characters"
 
     bearer, auth_problem, other_scheme = _bearer(auth_values)
 

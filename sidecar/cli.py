@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
         help="gRPC address HOST:PORT [STEPUP_LISTEN] (default 127.0.0.1:9191)",
     )
     s.add_argument(
+        "--health-listen",
+        default=_env("HEALTH_LISTEN", ""),
+        help="extra address serving only grpc.health.v1 (for kubelet gRPC probes, which dial the pod IP),"
+        " off when empty [STEPUP_HEALTH_LISTEN]",
+    )
+    s.add_argument(
         "--metrics-listen",
         default=_env("METRICS_LISTEN", ""),
         help="Prometheus /metrics address HOST:PORT, off when empty [STEPUP_METRICS_LISTEN]",
@@ -213,7 +219,7 @@ def _serve(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace, policy: Any) -> int:
     from prometheus_client import start_http_server
 
-    from sidecar.server import Decider, PolicyWatcher, build_server, set_serving
+    from sidecar.server import Decider, PolicyWatcher, build_health_server, build_server, set_serving
     from sidecar.telemetry import Metrics, Telemetry, tracer_provider_from_env
 
     stream = {"stdout": sys.stdout, "stderr": sys.stderr, "off": None}[args.decision_log]
@@ -222,18 +228,17 @@ async def _run(args: argparse.Namespace, policy: Any) -> int:
     decider = Decider(policy, telemetry)
     server, health_servicer = build_server(decider, explain=args.explain)
     await set_serving(health_servicer, False, args.explain)
-    try:
-        port = server.add_insecure_port(args.listen)
-    except RuntimeError as e:
-        log.error("cannot listen on %s: %s", args.listen, e)
-        return 1
-    if port == 0:
-        log.error("cannot listen on %s", args.listen)
-        return 1
+    servers = [server]
+    if args.health_listen:
+        servers.append(build_health_server(health_servicer))
+    for srv, address in zip(servers, (args.listen, args.health_listen), strict=False):
+        if not _bind(srv, address):
+            return 1
     if args.metrics_listen:
         host, _, mport = args.metrics_listen.rpartition(":")
         start_http_server(int(mport), addr=host or "127.0.0.1", registry=metrics.registry)
-    await server.start()
+    for srv in servers:
+        await srv.start()
     await set_serving(health_servicer, True, args.explain)
     log.info("serving %s on %s (policy %s)", "Authorization/Check", args.listen, policy.version)
 
@@ -252,11 +257,23 @@ async def _run(args: argparse.Namespace, policy: Any) -> int:
     )
     await set_serving(health_servicer, False, args.explain)
     await server.stop(args.shutdown_grace)
+    for srv in servers[1:]:
+        await srv.stop(0)
     for t in tasks:
         t.cancel()
     telemetry.shutdown()
     log.info("stopped")
     return 0
+
+
+def _bind(server: Any, address: str) -> bool:
+    try:
+        ok = bool(server.add_insecure_port(address))
+    except RuntimeError:
+        ok = False
+    if not ok:
+        log.error("cannot listen on %s", address)
+    return ok
 
 
 async def _flush_every(telemetry: Any, seconds: float) -> None:

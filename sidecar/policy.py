@@ -7,6 +7,7 @@ rules.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -65,11 +66,15 @@ class _Node(Generic[T]):
 class OperationIndex(Generic[T]):
     """Maps operation patterns to values; finds the most specific match or all matches."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache_size: int = 8192) -> None:
         self._root: _Node[T] = _Node()
+        # Lookups are pure functions of (method, path): memoise the hot ones (bounded).
+        self.most_specific = functools.lru_cache(maxsize=cache_size)(self._most_specific)  # type: ignore[method-assign]
+        self.all_matches = functools.lru_cache(maxsize=cache_size)(self._all_matches)  # type: ignore[method-assign]
 
     def add(self, pattern: Pattern, value: T) -> list[T]:
-        """Add a value; returns the values already stored under the very same pattern."""
+        """Add a value; returns the values already stored under the very same pattern. Call only
+        while building (lookups are memoised)."""
         node = self._root
         segs = pattern.segments
         for i, seg in enumerate(segs):
@@ -96,17 +101,23 @@ class OperationIndex(Generic[T]):
         return before
 
     def most_specific(self, method: str, path: str) -> T | None:
+        return self._most_specific(method, path)
+
+    def all_matches(self, method: str, path: str) -> tuple[T, ...]:
+        return self._all_matches(method, path)
+
+    def _most_specific(self, method: str, path: str) -> T | None:
         """The first value of the most specific pattern: exact segments beat `*`, `*` beats `**`,
         earlier segments weigh more, and an explicit method beats `*`."""
         for bucket in self._walk(method, path.split("/")[1:]):
             return bucket[0]
         return None
 
-    def all_matches(self, method: str, path: str) -> list[T]:
+    def _all_matches(self, method: str, path: str) -> tuple[T, ...]:
         out: list[T] = []
         for bucket in self._walk(method, path.split("/")[1:]):
             out.extend(bucket)
-        return out
+        return tuple(out)
 
     def _walk(self, method: str, segs: list[str]) -> Iterator[list[T]]:
         # Iterative depth-first walk in specificity order.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,13 +21,18 @@ class SourceNotIn:
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
     def fires(self, attrs: RequestAttributes, now: float) -> bool:
-        try:
-            ip = ipaddress.ip_address(attrs.source_ip)
-        except ValueError:
-            return True  # an unknown source is an untrusted one
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return not any(ip in net for net in self.networks)
+        return not _inside(attrs.source_ip, self.networks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _inside(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False  # an unknown source is an untrusted one
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
 
 
 @dataclass(frozen=True, slots=True)

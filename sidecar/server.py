@@ -255,6 +255,14 @@ def build_server(
     return server, health_servicer
 
 
+def build_health_server(health_servicer: health.aio.HealthServicer) -> grpc.aio.Server:
+    """A second server carrying only grpc.health.v1, for an address the kubelet can reach (its
+    gRPC probes dial the pod IP) while Check stays on loopback."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server
+
+
 async def set_serving(h: health.aio.HealthServicer, serving: bool, explain: bool = True) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", AUTH_SERVICE, *([EXPLAIN_SERVICE] if explain else [])):

@@ -41,7 +41,14 @@ ISTIO_KINDS = {
 }
 AUTH_SERVICE = "envoy.service.auth.v3.Authorization"
 # Fields of Istio's MeshConfig.ExtensionProvider.EnvoyExternalAuthorizationGrpcProvider.
-ISTIO_GRPC_PROVIDER_FIELDS = {"service", "port", "timeout", "failOpen", "statusOnError", "includeRequestBodyInCheck"}
+ISTIO_GRPC_PROVIDER_FIELDS = {
+    "service",
+    "port",
+    "timeout",
+    "failOpen",
+    "statusOnError",
+    "includeRequestBodyInCheck",
+}
 
 
 def tool(name: str) -> Path:
@@ -154,8 +161,12 @@ def test_policy_from_configmap_passes_stepup_validate(overlay: str, tmp_path: Pa
     """The ConfigMap's files, written out as the pod sees them, pass `stepup-sidecar validate`."""
     for name, text in configmap_files(f"overlays/{overlay}", "stepup-policy").items():
         (tmp_path / name).write_text(text)
-    out = subprocess.run([tool("stepup-sidecar"), "validate", tmp_path / "policy.yaml"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [tool("stepup-sidecar"), "validate", tmp_path / "policy.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -167,7 +178,8 @@ def test_k8s_policy_is_the_example_policy_with_its_jwks_beside_it() -> None:
     assert k8s["issuers"][0].pop("jwks_file") == "dev-jwks.json"
     assert k8s == example
     assert json.loads((K8S / "base/policy/dev-jwks.json").read_text()) == json.loads(
-        (ROOT / "examples/keys/dev-jwks.json").read_text())
+        (ROOT / "examples/keys/dev-jwks.json").read_text()
+    )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -203,10 +215,16 @@ def _hardened(c: dict[str, Any]) -> None:
         assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{c['name']}: {kind}"
 
 
-@pytest.mark.parametrize(("overlay", "name"), [
-    ("envoy", "stepup-sidecar"), ("envoy", "envoy"), ("envoy", "bank"),
-    ("istio", "stepup-sidecar"), ("istio", "bank"),
-])
+@pytest.mark.parametrize(
+    ("overlay", "name"),
+    [
+        ("envoy", "stepup-sidecar"),
+        ("envoy", "envoy"),
+        ("envoy", "bank"),
+        ("istio", "stepup-sidecar"),
+        ("istio", "bank"),
+    ],
+)
 def test_containers_are_hardened(overlay: str, name: str) -> None:
     """Non-root, read-only root, no privilege escalation, no capabilities, RuntimeDefault seccomp,
     requests and limits."""
@@ -226,8 +244,9 @@ def test_pod_is_hardened(overlay: str) -> None:
 
 def test_sidecar_runs_as_the_image_user() -> None:
     """runAsUser is the Dockerfile's numeric USER, so the kubelet can enforce runAsNonRoot."""
-    user = next(line.split()[1] for line in (ROOT / "Dockerfile").read_text().splitlines()
-                if line.startswith("USER "))
+    user = next(
+        line.split()[1] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("USER ")
+    )
     uid, _, gid = user.partition(":")
     sc = container("base", "stepup-sidecar")["securityContext"]
     assert (sc["runAsUser"], sc["runAsGroup"]) == (int(uid), int(gid))
@@ -245,20 +264,23 @@ def test_sidecar_listens_on_loopback_and_exports_traces_over_otlp(overlay: str) 
     assert e["OTEL_SERVICE_NAME"] == "stepup-sidecar"
 
 
-def _probe_command(target: str, probe: str) -> list[str]:
+def _grpc_probe(target: str, probe: str) -> dict[str, Any]:
     p = container(target, "stepup-sidecar")[probe]
-    assert set(p) & {"exec", "grpc", "httpGet", "tcpSocket"} == {"exec"}, probe
-    return list(p["exec"]["command"])
+    assert set(p) & {"exec", "grpc", "httpGet", "tcpSocket"} == {"grpc"}, probe
+    return dict(p["grpc"])
 
 
 @pytest.mark.parametrize("probe", ["startupProbe", "readinessProbe", "livenessProbe"])
-def test_sidecar_probes_ask_grpc_health_on_loopback(probe: str) -> None:
-    """All three probes run the same grpc.health.v1 Check of the Authorization service, dialling
-    STEPUP_LISTEN from inside the container (the kubelet's grpc probe would dial the pod IP)."""
-    cmd = _probe_command("base", probe)
-    assert cmd[:2] == ["python", "-c"]
-    assert "STEPUP_LISTEN" in cmd[2] and AUTH_SERVICE in cmd[2]
-    assert cmd == _probe_command("base", "readinessProbe")
+def test_sidecar_probes_are_grpc_health_on_the_health_only_port(probe: str) -> None:
+    """The kubelet's gRPC probes dial the pod IP: they target STEPUP_HEALTH_LISTEN's port (declared
+    as a container port), asking for the Authorization service, while Check stays on loopback."""
+    c = container("base", "stepup-sidecar")
+    g = _grpc_probe("base", probe)
+    health_host, _, health_port = env(c)["STEPUP_HEALTH_LISTEN"].rpartition(":")
+    assert health_host == "0.0.0.0" and g["port"] == int(health_port)
+    assert g["service"] == AUTH_SERVICE
+    assert int(health_port) in {p["containerPort"] for p in c["ports"]}
+    assert env(c)["STEPUP_LISTEN"].rpartition(":")[0] == "127.0.0.1"
 
 
 def _free_port() -> int:
@@ -267,31 +289,56 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run_probe(cmd: list[str], listen: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, *cmd[1:]], capture_output=True, text=True, timeout=30,
-                          env={**os.environ, "STEPUP_LISTEN": listen})
+def _probe(address: str, service: str) -> int:
+    """What the kubelet's grpc probe does: grpc.health.v1 Check; -1 when unreachable."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        try:
+            return int(
+                health_pb2_grpc.HealthStub(ch)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                .status
+            )
+        except grpc.RpcError:
+            return -1
 
 
-def test_probe_command_passes_only_while_the_sidecar_serves(tmp_path: Path) -> None:
-    """The probe from the manifest fails with no sidecar and passes once it serves the policy."""
-    cmd = _probe_command("base", "readinessProbe")
+def test_probe_passes_only_while_the_sidecar_serves(tmp_path: Path) -> None:
+    """The readiness probe's request fails with no sidecar and reports SERVING once it serves the
+    policy from the ConfigMap, on the health-only address."""
+    g = _grpc_probe("base", "readinessProbe")
     for name, text in configmap_files("base", "stepup-policy").items():
         (tmp_path / name).write_text(text)
-    listen = f"127.0.0.1:{_free_port()}"
-    assert _run_probe(cmd, listen).returncode != 0
+    health = f"127.0.0.1:{_free_port()}"
+    assert _probe(health, g["service"]) == -1
 
-    server_env = {**os.environ, "STEPUP_LISTEN": listen, "STEPUP_METRICS_LISTEN": "",
-                  "STEPUP_DECISION_LOG": "off", "STEPUP_WATCH_INTERVAL": "0", "OTEL_TRACES_EXPORTER": "none"}
-    server = subprocess.Popen([tool("stepup-sidecar"), "serve", "--policy", tmp_path / "policy.yaml"],
-                              env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server_env = {
+        **os.environ,
+        "STEPUP_LISTEN": f"127.0.0.1:{_free_port()}",
+        "STEPUP_HEALTH_LISTEN": health,
+        "STEPUP_METRICS_LISTEN": "",
+        "STEPUP_DECISION_LOG": "off",
+        "STEPUP_WATCH_INTERVAL": "0",
+        "OTEL_TRACES_EXPORTER": "none",
+    }
+    server = subprocess.Popen(
+        [tool("stepup-sidecar"), "serve", "--policy", tmp_path / "policy.yaml"],
+        env=server_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 20
-        while True:
-            result = _run_probe(cmd, listen)
-            if result.returncode == 0 or time.monotonic() > deadline or server.poll() is not None:
+        status = -1
+        while time.monotonic() < deadline and server.poll() is None:
+            status = _probe(health, g["service"])
+            if status == 1:
                 break
             time.sleep(0.2)
-        assert result.returncode == 0, result.stderr
+        assert status == 1  # SERVING
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -316,7 +363,9 @@ def _addr(socket_address: dict[str, Any]) -> tuple[str, int]:
 
 def _cluster_addr(cfg: dict[str, Any], name: str) -> tuple[str, int]:
     c = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == name)
-    return _addr(c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"])
+    return _addr(
+        c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    )
 
 
 def _listener_addr(cfg: dict[str, Any], name: str) -> tuple[str, int]:
@@ -337,8 +386,13 @@ def test_envoy_config_from_configmap_passes_envoy_validate(tmp_path: Path) -> No
 
     (tmp_path / "envoy.yaml").write_text(configmap_files(target, "envoy-config")["envoy.yaml"])
     argv[argv.index("--config-path") + 1] = str(tmp_path / "envoy.yaml")
-    out = subprocess.run([tool("envoy"), "--mode", "validate", *argv[1:]],
-                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    out = subprocess.run(
+        [tool("envoy"), "--mode", "validate", *argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -352,7 +406,9 @@ def test_envoy_config_wires_the_pod_together() -> None:
     assert _cluster_addr(cfg, "http_upstream")[0] == "127.0.0.1"
     assert _addr(cfg["admin"]["address"]["socket_address"])[0] == "127.0.0.1"
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    authz = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz")["typed_config"]
+    authz = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz")[
+        "typed_config"
+    ]
     assert authz["failure_mode_allow"] is False
     assert authz["grpc_service"]["envoy_grpc"]["cluster_name"] == "ext_authz"
 
@@ -479,7 +535,7 @@ def test_deploy_docs_show_the_mesh_config_that_ships() -> None:
     """The "Deploy with Istio" section's mesh config block is mesh-config.yaml's, value for value."""
     docs_files = [ROOT / "README.md", ROOT / "docs/deploy.md"]
     text = next(t for f in docs_files if f.is_file() and "## Deploy with Istio" in (t := f.read_text()))
-    section = text[text.index("## Deploy with Istio"):]
+    section = text[text.index("## Deploy with Istio") :]
     block = re.search(r"```yaml\n( *meshConfig:.*?)\n *```", section, re.S)
     assert block, "no meshConfig yaml block in the Istio section"
     assert yaml.safe_load(textwrap.dedent(block.group(1))) == mesh_config()

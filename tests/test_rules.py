@@ -43,7 +43,7 @@ def test_most_specific_pattern_wins(method: str, path: str, expected: str | None
 
 def test_all_matches_are_found_for_permissions() -> None:
     idx = _index(["/svc.A/Get", "/svc.A/*", "/**"])
-    assert idx.all_matches("POST", "/svc.A/Get") == ["/svc.A/Get", "/svc.A/*", "/**"]
+    assert idx.all_matches("POST", "/svc.A/Get") == ("/svc.A/Get", "/svc.A/*", "/**")
 
 
 def test_lookup_in_100k_rules() -> None:

@@ -1,0 +1,114 @@
+"""The `serve` command as a user runs it: start, answer, report health, stop cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.helpers import EXAMPLE_POLICY, check_request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_serving(address: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"{address} never became SERVING")
+
+
+@pytest.fixture
+def sidecar(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
+    listen, health = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    env = {
+        **os.environ,
+        "STEPUP_POLICY": str(EXAMPLE_POLICY),
+        "STEPUP_LISTEN": listen,
+        "STEPUP_DECISION_LOG": "stdout",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve", "--health-listen", health],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_serving(listen)
+        yield proc, listen, health
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+
+
+def test_serve_answers_and_stops_cleanly_on_sigterm(sidecar: tuple[subprocess.Popen[str], str, str]) -> None:
+    proc, listen, health = sidecar
+    wait_serving(health)
+    with grpc.insecure_channel(listen) as ch:
+        resp = external_auth_pb2_grpc.AuthorizationStub(ch).Check(
+            check_request("/healthz", method="GET"), timeout=5
+        )
+    assert resp.status.code == 0
+    # the health-only address carries no Check service
+    with grpc.insecure_channel(health) as ch, pytest.raises(grpc.RpcError) as e:
+        external_auth_pb2_grpc.AuthorizationStub(ch).Check(check_request("/healthz", method="GET"), timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    assert '"event":"decision"' in out and '"reason":"public"' in out
+    assert "shutting down: health NOT_SERVING" in err and '"msg": "stopped"' in err
+
+
+def test_serve_refuses_an_invalid_policy(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nassurance: {levels: []}\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "serve",
+            "--policy",
+            str(bad),
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1
+    assert "the policy is invalid, not starting" in proc.stderr
+    assert f"{bad}:2:21: assurance.levels: [] should be non-empty" in proc.stderr
+
+
+def test_serve_without_policy_is_a_usage_error() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "STEPUP_POLICY"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve"], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert proc.returncode == 2 and "--policy (or STEPUP_POLICY) is required" in proc.stderr

@@ -70,11 +70,14 @@ def generated_policy(n_rules: int, tmp: Path) -> Path:
     return p
 
 
-def scenarios(policy: Policy, gen: bool) -> dict[str, bytes]:
+def scenarios(policy: Policy, gen: int) -> dict[str, bytes]:
+    """gen: number of generated rules (0 for the example policy); the low-risk call hits the last
+    generated service, granted to its role."""
     now = time.time()
     teller = make_token(now=now)
     strong = make_token(now=now, acr=ACR_PHR)
-    svc = "/gen7.v1.Service99907/Get" if gen else "/bank.v1.Accounts/GetBalance"
+    i = gen // 2 - 1
+    svc = f"/gen{i % 97}.v1.Service{i}/Get" if gen else "/bank.v1.Accounts/GetBalance"
     hdrs = {
         "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         "user-agent": "grpc-go/1.70",
@@ -84,7 +87,7 @@ def scenarios(policy: Policy, gen: bool) -> dict[str, bytes]:
     }
     reqs = {
         "allow (low)": check_request(
-            svc, token=make_token(now=now, roles=["role7"]) if gen else teller, headers=hdrs
+            svc, token=make_token(now=now, roles=[f"role{i % 500}"]) if gen else teller, headers=hdrs
         ),
         "allow (transfer, phr)": check_request("/bank.v1.Payments/Transfer", token=strong, headers=hdrs),
         "step-up (transfer, pwd)": check_request("/bank.v1.Payments/Transfer", token=teller, headers=hdrs),
@@ -93,7 +96,7 @@ def scenarios(policy: Policy, gen: bool) -> dict[str, bytes]:
     return {k: v.SerializeToString() for k, v in reqs.items()}
 
 
-def run(policy: Policy, label: str, n: int, rounds: int, gen: bool) -> None:
+def run(policy: Policy, label: str, n: int, rounds: int, gen: int) -> None:
     engine = Engine(policy)
     tel_bare = Telemetry(None, decision_log=None, metrics=Metrics())
     tel_full = Telemetry(TracerProvider(), decision_log=io.StringIO(), metrics=Metrics())
@@ -162,7 +165,7 @@ def main() -> int:
         "columns: median µs per call; parse = CheckRequest.FromString (baseline);"
         " check = parse+attrs+decide+response+metrics; +otel = check with an SDK span and a decision log line"
     )
-    run(load_policy(EXAMPLE_POLICY), "example policy", args.n, args.rounds, gen=False)
+    run(load_policy(EXAMPLE_POLICY), "example policy", args.n, args.rounds, gen=0)
     with tempfile.TemporaryDirectory() as tmp:
         path = generated_policy(args.rules, Path(tmp))
         t0 = time.perf_counter()
@@ -173,7 +176,7 @@ def main() -> int:
             f"generated policy, {args.rules} rules (loaded in {load_s:.1f} s)",
             args.n,
             args.rounds,
-            gen=True,
+            gen=args.rules,
         )
     return 0
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -147,7 +145,6 @@ def load_policy(
     path: str | Path,
     *,
     fetch: Fetcher = urllib_fetch,
-    clock: Callable[[], float] = time.time,
     allow_insecure_jwks_http: bool = False,
 ) -> Policy:
     """Load, validate and compile a policy file. Raises PolicyError listing every problem."""
@@ -162,7 +159,7 @@ def load_policy(
         file=file,
         base_dir=path.parent,
         fetch=fetch,
-        clock=clock,
+
         allow_insecure_jwks_http=allow_insecure_jwks_http,
     )
 
@@ -173,7 +170,6 @@ def load_policy_text(
     file: str = "<policy>",
     base_dir: Path | None = None,
     fetch: Fetcher = urllib_fetch,
-    clock: Callable[[], float] = time.time,
     allow_insecure_jwks_http: bool = False,
 ) -> Policy:
     base_dir = base_dir or Path.cwd()
@@ -196,7 +192,7 @@ def load_policy_text(
     if problems:
         raise PolicyError(problems)
     assert isinstance(data, dict)
-    builder = _Builder(doc, data, base_dir, fetch, clock, allow_insecure_jwks_http)
+    builder = _Builder(doc, data, base_dir, fetch, allow_insecure_jwks_http)
     policy = builder.build(text)
     if builder.problems:
         raise PolicyError(builder.problems)
@@ -222,14 +218,12 @@ class _Builder:
         data: dict[str, Any],
         base_dir: Path,
         fetch: Fetcher,
-        clock: Callable[[], float],
         allow_insecure_http: bool,
     ) -> None:
         self.doc = doc
         self.data = data
         self.base_dir = base_dir
         self.fetch = fetch
-        self.clock = clock
         self.allow_insecure_http = allow_insecure_http
         self.problems: list[Problem] = []
         self.warnings: list[str] = []
@@ -335,7 +329,6 @@ class _Builder:
             n_levels=len(levels),
             amr_derivation=assurance.get("amr_derivation", True),
             skew=skew,
-            clock=self.clock,
         )
         return Policy(
             name=name,

@@ -10,12 +10,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import cachetools
 from joserfc import jws
 from joserfc.errors import (
     BadSignatureError,
@@ -95,7 +93,6 @@ class Authenticator:
         n_levels: int,
         amr_derivation: bool,
         skew: int,
-        clock: Callable[[], float] = time.time,
         cache_size: int = 10_000,
         cache_max_ttl: float = 300.0,
     ) -> None:
@@ -107,15 +104,9 @@ class Authenticator:
         self._n_levels = n_levels
         self._amr_derivation = amr_derivation
         self._skew = skew
-        self._clock = clock
         self._max_ttl = cache_max_ttl
 
-        def _ttu(_key: str, value: tuple[Identity, float], now: float) -> float:
-            return min(value[1], now + cache_max_ttl)
-
-        self._cache: cachetools.TLRUCache[str, tuple[Identity, float]] = cachetools.TLRUCache(
-            maxsize=cache_size, ttu=_ttu, timer=clock
-        )
+        self._cache = _TokenCache(cache_size)
 
     # -- jwt_authn metadata ----------------------------------------------------------------
 
@@ -138,9 +129,8 @@ class Authenticator:
     # -- bearer tokens ----------------------------------------------------------------------
 
     def from_bearer(self, token: str, principal: str, now: float) -> Identity:
-        hit = self._cache.get(token)
-        if hit is not None:
-            ident = hit[0]
+        ident = self._cache.get(token, now)
+        if ident is not None:
             return ident if ident.principal == principal else _with_principal(ident, principal)
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthError("malformed_token", "token too large")
@@ -183,7 +173,7 @@ class Authenticator:
             raise AuthError("wrong_audience", "the token is not meant for this audience")
         exp = self._check_times(claims, now)
         ident = self._identity(cfg, claims, "bearer", principal, now)
-        self._cache[token] = (ident, float(exp) + self._skew)
+        self._cache.put(token, ident, min(exp + self._skew, now + self._max_ttl))
         return ident
 
     def _check_times(self, claims: Mapping[str, Any], now: float) -> float:
@@ -233,6 +223,32 @@ class Authenticator:
             level=level,
             level_source=how,
         )
+
+
+class _TokenCache:
+    """Verified tokens -> Identity until they expire; bounded, oldest evicted first. A plain dict:
+    lookups sit on the hot path and must cost well under a microsecond."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._maxsize = maxsize
+        self._d: dict[str, tuple[Identity, float]] = {}
+
+    def get(self, token: str, now: float) -> Identity | None:
+        hit = self._d.get(token)
+        if hit is None:
+            return None
+        if now >= hit[1]:
+            self._d.pop(token, None)
+            return None
+        return hit[0]
+
+    def put(self, token: str, ident: Identity, expires: float) -> None:
+        if len(self._d) >= self._maxsize:
+            self._d.pop(next(iter(self._d)), None)
+        self._d[token] = (ident, expires)
+
+    def __len__(self) -> int:
+        return len(self._d)
 
 
 def _with_principal(ident: Identity, principal: str) -> Identity:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -23,6 +24,7 @@ class PathError(ValueError):
         self.code = code
 
 
+@functools.lru_cache(maxsize=8192)
 def normalize_path(raw: str) -> str:
     """Return the canonical form of a raw `:path`, or raise PathError.
 

@@ -16,23 +16,25 @@ class Condition(Protocol):
     def fires(self, attrs: RequestAttributes, now: float) -> bool: ...
 
 
-@dataclass(frozen=True, slots=True)
 class SourceNotIn:
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    """Fires when the source address is outside every listed network (or unknown)."""
+
+    def __init__(self, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> None:
+        self.networks = networks
+        # Few distinct peer addresses reach a sidecar: remember the verdict per address (bounded).
+        self._inside = functools.lru_cache(maxsize=4096)(self._lookup)
 
     def fires(self, attrs: RequestAttributes, now: float) -> bool:
-        return not _inside(attrs.source_ip, self.networks)
+        return not self._inside(attrs.source_ip)
 
-
-@functools.lru_cache(maxsize=4096)
-def _inside(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False  # an unknown source is an untrusted one
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
+    def _lookup(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False  # an unknown source is an untrusted one
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.networks)
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,12 +52,33 @@ A_STATUS = "authz.http_status"
 A_RISK = "authz.risk_rules"
 
 
+class _DefaultPropagator(CompositePropagator):
+    """W3C trace context, else B3 (single or multi header). Looks only at the headers that can
+    carry a context, so a request without one costs a couple of dict lookups."""
+
+    _W3C = TraceContextTextMapPropagator()
+    _B3 = B3MultiFormat()
+
+    def __init__(self) -> None:
+        super().__init__([self._B3, self._W3C])
+
+    def extract(self, carrier: Any, context: Context | None = None, getter: Any = None) -> Context:
+        chosen: TextMapPropagator | None = None
+        if "traceparent" in carrier:
+            chosen = self._W3C
+        elif "b3" in carrier or "x-b3-traceid" in carrier:
+            chosen = self._B3
+        if chosen is None:
+            return context if context is not None else Context()
+        result: Context = chosen.extract(carrier, context)
+        return result
+
+
 def build_propagator() -> TextMapPropagator:
     """OTEL_PROPAGATORS when set; otherwise W3C trace context, falling back to B3 (single or multi)."""
     if os.environ.get("OTEL_PROPAGATORS"):
         return get_global_textmap()
-    # Later propagators win: B3 first so that a W3C traceparent, when present, decides.
-    return CompositePropagator([B3MultiFormat(), TraceContextTextMapPropagator()])
+    return _DefaultPropagator()
 
 
 def tracer_provider_from_env() -> TracerProvider | None:
@@ -144,6 +165,8 @@ class Telemetry:
         self.propagator = propagator or build_propagator()
         self.decision_log = decision_log
         self.metrics = metrics or Metrics()
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._tracing = provider is not None
 
     def parent(self, carrier: Mapping[str, str]) -> Context:
         return self.propagator.extract(carrier)
@@ -161,32 +184,37 @@ class Telemetry:
         error: BaseException | None = None,
     ) -> None:
         fields = decision_fields(decision, decision_id, policy_version, level_names)
-        span = self.tracer.start_span(
-            SPAN_NAME,
-            context=parent,
-            kind=SpanKind.SERVER,
-            start_time=start_ns,
-            attributes={f"authz.{k}": v for k, v in fields.items() if v != "" and v != []},
-        )
-        if attrs is not None:
-            span.set_attribute("http.request.method", attrs.method[:16])
-            span.set_attribute("rpc.system", "grpc" if attrs.is_grpc else "")
-        if error is not None:
-            span.record_exception(error)
-            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        ctx: trace.SpanContext | None = None
         end_ns = time.time_ns()
-        span.end(end_time=end_ns)
-        duration = (end_ns - start_ns) / 1e9
-        m = self.metrics
-        m.decisions.labels(decision.outcome.value, decision.reason).inc()
-        m.latency.observe(duration)
-        if self.decision_log is not None:
+        if self._tracing:
+            span_attrs: dict[str, Any] = {f"authz.{k}": v for k, v in fields.items() if v != "" and v != []}
+            if attrs is not None:
+                span_attrs["http.request.method"] = attrs.method[:16]
+                span_attrs["rpc.system"] = "grpc" if attrs.is_grpc else "http"
+            span = self.tracer.start_span(
+                SPAN_NAME, context=parent, kind=SpanKind.SERVER, start_time=start_ns, attributes=span_attrs
+            )
+            if error is not None:
+                span.record_exception(error)
+                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+            span.end(end_time=end_ns)
             ctx = span.get_span_context()
+        elif parent is not None:
+            # No exporter: still log the caller's trace id, so logs join the trace.
+            ctx = trace.get_current_span(parent).get_span_context()
+        duration = (end_ns - start_ns) / 1e9
+        key = (decision.outcome.value, decision.reason)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self.metrics.decisions.labels(*key)
+        counter.inc()
+        self.metrics.latency.observe(duration)
+        if self.decision_log is not None:
             line: dict[str, Any] = {
                 "ts": round(end_ns / 1e9, 6),
                 "event": "decision",
-                "trace_id": format(ctx.trace_id, "032x") if ctx.is_valid else "",
-                "span_id": format(ctx.span_id, "016x") if ctx.is_valid else "",
+                "trace_id": format(ctx.trace_id, "032x") if ctx is not None and ctx.is_valid else "",
+                "span_id": format(ctx.span_id, "016x") if ctx is not None and ctx.is_valid else "",
                 **fields,
                 "method": attrs.method[:16] if attrs else "",
                 "grpc": attrs.is_grpc if attrs else False,

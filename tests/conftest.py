@@ -4,12 +4,12 @@ import pytest
 
 from sidecar.config import load_policy
 from sidecar.engine import Engine, Policy
-from tests.helpers import EXAMPLE_POLICY, NOW, FixedClock
+from tests.helpers import EXAMPLE_POLICY
 
 
 @pytest.fixture(scope="session")
 def example_policy() -> Policy:
-    return load_policy(EXAMPLE_POLICY, clock=FixedClock(NOW))
+    return load_policy(EXAMPLE_POLICY)
 
 
 @pytest.fixture

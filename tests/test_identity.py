@@ -125,7 +125,7 @@ def test_good_token_yields_identity(example_policy: Policy) -> None:
 
 def test_verified_tokens_are_cached_until_expiry() -> None:
     clock = FixedClock(NOW)
-    policy = load_policy(EXAMPLE_POLICY, clock=clock)
+    policy = load_policy(EXAMPLE_POLICY)
     auth = policy.authenticator
     token = make_token(exp=NOW + 100)
     first = auth.from_bearer(token, "", clock.now)
@@ -153,7 +153,7 @@ def test_entra_style_acrs_list_takes_the_strongest_mapped_value(tmp_path: Any) -
     )
     p = tmp_path / "p.yaml"
     p.write_text(text)
-    policy = load_policy(p, clock=FixedClock(NOW))
+    policy = load_policy(p)
     ident = policy.authenticator.from_bearer(
         make_token(drop=("acr",), acrs=["urn:okta:loa:1fa:any", "phr"]), "", NOW
     )
@@ -170,7 +170,7 @@ def test_nested_claim_paths(tmp_path: Any) -> None:
     )
     p = tmp_path / "p.yaml"
     p.write_text(text)
-    policy = load_policy(p, clock=FixedClock(NOW))
+    policy = load_policy(p)
     ident = policy.authenticator.from_bearer(
         make_token(drop=("roles",), realm_access={"roles": ["teller"]}), "", NOW
     )

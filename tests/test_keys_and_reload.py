@@ -50,7 +50,7 @@ def _policy_with_url(tmp_path: Path, idp: FakeIdP, clock: FixedClock) -> Any:
     text = EXAMPLE_POLICY.read_text().replace("jwks_file: keys/dev-jwks.json", f"jwks_uri: {URL}")
     p = tmp_path / "policy.yaml"
     p.write_text(text)
-    return load_policy(p, fetch=idp, clock=clock)
+    return load_policy(p, fetch=idp)
 
 
 def _decide(engine: Engine, token: str) -> str:

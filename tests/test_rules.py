@@ -12,7 +12,7 @@ from sidecar.attributes import from_check_request
 from sidecar.config import load_policy_text
 from sidecar.policy import SubjectView, build_index
 from sidecar.risk import DeviceUnknown, OutsideHours, SourceNotIn
-from tests.helpers import EXAMPLE_POLICY, NOW, FixedClock, check_request, make_token
+from tests.helpers import EXAMPLE_POLICY, NOW, check_request, make_token
 
 
 # --- operation index ---------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def test_risk_rules_raise_by_one_and_cap_max_age_in_a_policy() -> None:
     )
     from sidecar.engine import Engine
 
-    engine = Engine(load_policy_text(text, clock=FixedClock(NOW)))
+    engine = Engine(load_policy_text(text))
     ok = engine.decide(_attrs(headers={"x-device-id": "d1"}), NOW)
     assert ok.allowed
     d = engine.decide(_attrs(), NOW)

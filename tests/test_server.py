@@ -41,7 +41,7 @@ class Running:
         self.metrics = Metrics()
         self.telemetry = Telemetry(provider, decision_log=self.log, metrics=self.metrics)
         self.decider = Decider(
-            load_policy(EXAMPLE_POLICY, clock=FixedClock(NOW)), self.telemetry, FixedClock(NOW)
+            load_policy(EXAMPLE_POLICY), self.telemetry, FixedClock(NOW)
         )
         self.loop = asyncio.new_event_loop()
         self.port = 0

@@ -61,7 +61,7 @@ def from_check_request(req: Any) -> RequestAttributes:
             prev = headers.get(key)
             headers[key] = value if prev is None else f"{prev},{value}"
     else:
-        headers = {k.lower(): v for k, v in http.headers.items()}
+        headers = dict(http.headers)  # Envoy lower-cases these keys
         if "authorization" in headers:
             auth_values.append(headers["authorization"])
     joined = "".join(headers.values()).encode("utf-8", "surrogatepass")

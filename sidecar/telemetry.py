@@ -65,6 +65,9 @@ class _DefaultPropagator(CompositePropagator):
     def extract(self, carrier: Any, context: Context | None = None, getter: Any = None) -> Context:
         chosen: TextMapPropagator | None = None
         if "traceparent" in carrier:
+            fast = _parse_traceparent(carrier["traceparent"])
+            if fast is not None and "tracestate" not in carrier:
+                return trace.set_span_in_context(trace.NonRecordingSpan(fast), context)
             chosen = self._W3C
         elif "b3" in carrier or "x-b3-traceid" in carrier:
             chosen = self._B3
@@ -72,6 +75,22 @@ class _DefaultPropagator(CompositePropagator):
             return context if context is not None else Context()
         result: Context = chosen.extract(carrier, context)
         return result
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _parse_traceparent(value: str) -> trace.SpanContext | None:
+    """The common W3C case (version 00, well-formed) without the regex; None = let OTel decide."""
+    if len(value) != 55 or value[:3] != "00-" or value[35] != "-" or value[52] != "-":
+        return None
+    tid, sid, flags = value[3:35], value[36:52], value[53:55]
+    if not _HEX.issuperset(tid) or not _HEX.issuperset(sid) or not _HEX.issuperset(flags):
+        return None
+    trace_id, span_id = int(tid, 16), int(sid, 16)
+    if trace_id == 0 or span_id == 0:
+        return None
+    return trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(int(flags, 16)))
 
 
 def build_propagator() -> TextMapPropagator:

@@ -227,6 +227,7 @@ class _Builder:
         self.allow_insecure_http = allow_insecure_http
         self.problems: list[Problem] = []
         self.warnings: list[str] = []
+        self.files: list[str] = []
 
     def err(self, path: PathT, message: str) -> None:
         self.problems.append(self.doc.problem(path, message))
@@ -345,6 +346,7 @@ class _Builder:
             authenticator=authenticator,
             upstream_headers=headers,
             warnings=tuple(self.warnings),
+            files=tuple(self.files),
         )
 
     def _unique_ids(self, what: str, items: list[dict[str, Any]], base: PathT | None = None) -> None:
@@ -364,6 +366,7 @@ class _Builder:
         elif "jwks_file" in raw:
             p = Path(raw["jwks_file"])
             p = p if p.is_absolute() else self.base_dir / p
+            self.files.append(str(p))
             try:
                 keys = StaticKeys(parse_jwks(p.read_bytes()))
             except OSError as e:

@@ -60,6 +60,7 @@ class Policy:
     authenticator: Authenticator
     upstream_headers: UpstreamHeaders
     warnings: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()  # other files the policy was read from (JWKS), watched for changes
 
 
 class Engine:

@@ -36,6 +36,8 @@ log = logging.getLogger("stepup")
 AUTH_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 EXPLAIN_SERVICE = explain_pb2.DESCRIPTOR.services_by_name["Explain"].full_name
 
+REFRESH_WAIT = 0.15  # seconds a Check may wait for a JWKS fetch triggered by an unknown kid
+
 _INTERNAL = Decision(Outcome.DENY, "internal_error", 403, "the request could not be evaluated")
 
 
@@ -80,13 +82,28 @@ class Decider:
             self.telemetry.metrics.internal_errors.inc()
             return _Evaluation(_INTERNAL, attrs, engine.policy, e)
 
-    async def _refresh_keys(self, policy: Policy) -> bool:
+    async def _refresh_keys(self, policy: Policy, wait: float = REFRESH_WAIT) -> bool:
+        """Fetch remote JWKS that may be refreshed now (rate-limited), in a thread. Waits at most
+        `wait` seconds, well inside Envoy's Check timeout; a slower fetch completes in the
+        background and serves later calls."""
         remotes = [i.keys for i in policy.issuers if isinstance(i.keys, RemoteKeys) and i.keys.may_refresh()]
         if not remotes:
             return False
         loop = asyncio.get_running_loop()
-        results = await asyncio.gather(*(loop.run_in_executor(None, r.refresh) for r in remotes))
+        fetches = asyncio.gather(*(loop.run_in_executor(None, r.refresh) for r in remotes))
+        try:
+            results = await asyncio.wait_for(asyncio.shield(fetches), wait)
+        except TimeoutError:
+            return False
         return any(results)
+
+    async def refresh_stale_keys(self) -> None:
+        """Periodic: refetch remote JWKS whose cache time has passed (keys removed by the IdP stop
+        verifying; new ones are known before the first token that uses them)."""
+        policy = self.policy
+        stale = [i.keys for i in policy.issuers if isinstance(i.keys, RemoteKeys) and not i.keys.is_fresh()]
+        if stale:
+            await self._refresh_keys(policy, wait=60.0)
 
     def record(self, ev: _Evaluation, decision_id: str, start_ns: int) -> None:
         try:
@@ -195,18 +212,22 @@ class PolicyWatcher:
         self._stamp = self._fingerprint()
 
     def _fingerprint(self) -> tuple[Any, ...]:
-        try:
-            real = os.path.realpath(self.path)
-            st = os.stat(real)
-            # JWKS files are re-read whenever the policy is; a ConfigMap swaps both at once.
-            return (real, st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError:
-            return ("missing",)
+        """Identity of the policy file and the JWKS files it names (a ConfigMap swaps all at once)."""
+        stamp: list[Any] = []
+        for f in (str(self.path), *self.decider.policy.files):
+            try:
+                real = os.path.realpath(f)
+                st = os.stat(real)
+                stamp.append((real, st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                stamp.append((str(f), "missing"))
+        return tuple(stamp)
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             await self.check()
+            await self.decider.refresh_stale_keys()
 
     async def check(self) -> bool:
         stamp = self._fingerprint()

@@ -152,3 +152,62 @@ def test_configmap_swap_reloads_or_keeps_last_good(tmp_path: Path, broken: str) 
     assert metrics.registry.get_sample_value("stepup_policy_reloads_total", {"result": "applied"}) == 1
     rule = decider.policy.tables.sensitivity("POST", "/bank.v1.Payments/Transfer")
     assert rule is not None and rule.level == "low"
+
+
+def test_a_changed_jwks_file_alone_triggers_a_reload(tmp_path: Path) -> None:
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [_public(PRIVATE_JWK)]}))
+    text = EXAMPLE_POLICY.read_text().replace("jwks_file: keys/dev-jwks.json", "jwks_file: jwks.json")
+    (tmp_path / "policy.yaml").write_text(text)
+    decider = Decider(load_policy(tmp_path / "policy.yaml"), Telemetry(None, decision_log=None, metrics=Metrics()))
+    watcher = PolicyWatcher(tmp_path / "policy.yaml", decider, interval=0.05)
+    rotated = make_token(header={"kid": "rotated-2"}, key=ROTATED)
+    assert _decide(decider.engine, rotated) == "unknown_key"
+    jwks.write_text(json.dumps({"keys": [_public(ROTATED.as_dict(private=False))]}))
+
+    assert asyncio.run(watcher.check()) is True
+    assert _decide(decider.engine, rotated) == "allowed"
+    assert _decide(decider.engine, make_token()) == "unknown_key"  # the removed key no longer verifies
+
+
+def test_a_slow_idp_does_not_hold_a_check_beyond_the_refresh_wait(tmp_path: Path) -> None:
+    import time
+
+    idp = FakeIdP(_public(PRIVATE_JWK))
+    policy = _policy_with_url(tmp_path, idp, FixedClock(NOW))
+    remote = policy.issuers[0].keys
+    assert isinstance(remote, RemoteKeys)
+    remote._last_attempt = float("-inf")
+
+    def slow(url: str, timeout: float) -> bytes:
+        time.sleep(1.0)
+        return idp(url, timeout)
+
+    remote._fetch = slow
+    decider = Decider(policy, Telemetry(None, decision_log=None, metrics=Metrics()), FixedClock(NOW))
+
+    async def scenario() -> tuple[str, float]:
+        t0 = time.monotonic()
+        ev = await decider.evaluate(check_request(BALANCE, token=make_token(header={"kid": "unknown"})))
+        elapsed = time.monotonic() - t0
+        await asyncio.sleep(1.2)  # let the background fetch finish before the loop closes
+        return ev.decision.reason, elapsed
+
+    reason, elapsed = asyncio.run(scenario())
+    assert reason == "unknown_key" and elapsed < 0.9
+
+
+def test_stale_remote_keys_are_refetched_periodically(tmp_path: Path) -> None:
+    idp = FakeIdP(_public(PRIVATE_JWK))
+    policy = _policy_with_url(tmp_path, idp, FixedClock(NOW))
+    remote = policy.issuers[0].keys
+    assert isinstance(remote, RemoteKeys)
+    decider = Decider(policy, Telemetry(None, decision_log=None, metrics=Metrics()), FixedClock(NOW))
+    asyncio.run(decider.refresh_stale_keys())
+    assert idp.fetches == 1  # still fresh: nothing fetched
+    remote._fresh.clear()
+    remote._last_attempt = float("-inf")
+    idp.keys = [_public(ROTATED.as_dict(private=False))]  # the IdP dropped the old key
+    asyncio.run(decider.refresh_stale_keys())
+    assert idp.fetches == 2
+    assert _decide(decider.engine, make_token()) == "unknown_key"

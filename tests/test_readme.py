@@ -1,0 +1,61 @@
+"""The README promises what the repository does: its examples are the real files and flags."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from sidecar.cli import _parser
+from tests.helpers import EXAMPLE_POLICY, ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def _block_after(marker: str, lang: str = "yaml") -> str:
+    start = README.index(marker)
+    m = re.compile(rf"```{lang}\n(.*?)```", re.S).search(README, start)
+    assert m is not None
+    return m.group(1)
+
+
+def test_the_two_commands_are_shown() -> None:
+    assert "make run" in README and "make test" in README
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
+
+
+def test_the_policy_example_is_the_file_make_run_serves() -> None:
+    assert _block_after("The complete example that `make run` serves").strip() == EXAMPLE_POLICY.read_text().strip()
+
+
+def test_the_envoy_snippet_matches_the_example_config() -> None:
+    snippet = yaml.safe_load(_block_after("## Point Envoy at it"))
+    example = yaml.safe_load((ROOT / "examples" / "envoy" / "envoy.yaml").read_text())
+    hcm = example["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    real = {f["name"]: f["typed_config"] for f in hcm["http_filters"]}
+    for f in snippet["http_filters"]:
+        cfg = real[f["name"]]
+        for key, value in f["typed_config"].items():
+            assert cfg[key] == value, (f["name"], key)
+    clusters = {c["name"]: c for c in example["static_resources"]["clusters"]}
+    for c in snippet["clusters"]:
+        assert c["typed_extension_protocol_options"] == clusters[c["name"]]["typed_extension_protocol_options"]
+
+
+def test_every_serve_flag_and_env_var_is_documented() -> None:
+    serve = next(a for a in _parser()._subparsers._group_actions[0].choices.items() if a[0] == "serve")[1]  # type: ignore[union-attr]
+    for action in serve._actions:
+        for opt in action.option_strings:
+            if opt.startswith("--") and opt not in ("--help", "--no-explain"):
+                assert f"`{opt}" in README, opt
+        m = re.search(r"\[(STEPUP_[A-Z_]+)\]", action.help or "")
+        if m:
+            assert f"`{m.group(1)}`" in README, m.group(1)
+
+
+def test_reason_codes_in_the_table_exist_in_the_code() -> None:
+    code = "".join(p.read_text() for p in (ROOT / "sidecar").glob("*.py"))
+    table = README[README.index("## What the sidecar answers") : README.index("A step-up answer carries")]
+    for reason in set(re.findall(r"`([a-z]+(?:_[a-z]+)+)`", table)):
+        assert f'"{reason}"' in code, reason

@@ -22,7 +22,7 @@ test: $(STAMP) proto-check lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check sidecar tests scripts bench
+	$(BIN)/ruff check sidecar tests scripts bench examples
 	$(BIN)/mypy sidecar
 
 ## Regenerate sidecar/_proto from proto/ (the one documented command).
@@ -31,6 +31,10 @@ proto: $(STAMP)
 
 proto-check: $(STAMP)
 	$(BIN)/python scripts/genproto.py --check
+
+## The step-up story through a real Envoy (sidecar, Envoy and the bank on free loopback ports).
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/decide.py

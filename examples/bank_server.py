@@ -30,7 +30,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
 
-from sidecar._proto.bank.v1 import bank_pb2, bank_pb2_grpc  # noqa: E402
+from sidecar._proto.bank.v1 import bank_pb2, bank_pb2_grpc
 
 ECHO_PREFIXES = ("x-auth-", "traceparent")
 
@@ -54,8 +54,11 @@ class Accounts(bank_pb2_grpc.AccountsServicer):  # type: ignore[misc]
     async def GetBalance(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         md = await _echo(context)
         return bank_pb2.Balance(
-            account_id=request.account_id, amount_cents=123_456, currency="EUR",
-            seen_subject=_first(md, "x-auth-subject"), seen_assurance=_first(md, "x-auth-assurance"),
+            account_id=request.account_id,
+            amount_cents=123_456,
+            currency="EUR",
+            seen_subject=_first(md, "x-auth-subject"),
+            seen_assurance=_first(md, "x-auth-assurance"),
         )
 
 
@@ -64,7 +67,8 @@ class Payments(bank_pb2_grpc.PaymentsServicer):  # type: ignore[misc]
         md = await _echo(context)
         return bank_pb2.TransferReceipt(
             transfer_id="tr_" + secrets.token_hex(4),
-            seen_subject=_first(md, "x-auth-subject"), seen_assurance=_first(md, "x-auth-assurance"),
+            seen_subject=_first(md, "x-auth-subject"),
+            seen_assurance=_first(md, "x-auth-assurance"),
         )
 
 
@@ -91,9 +95,9 @@ class _EchoHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _answer  # noqa: N815
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _answer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -131,7 +135,9 @@ async def serve(grpc_listen: str, http_listen: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--grpc-listen", default="127.0.0.1:50051", help="HOST:PORT (port 0: any free port)")
-    ap.add_argument("--http-listen", default="", help="HOST:PORT of the plain-HTTP echo upstream (off if empty)")
+    ap.add_argument(
+        "--http-listen", default="", help="HOST:PORT of the plain-HTTP echo upstream (off if empty)"
+    )
     args = ap.parse_args(argv)
     asyncio.run(serve(args.grpc_listen, args.http_listen))
     return 0

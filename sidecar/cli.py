@@ -231,16 +231,25 @@ async def _run(args: argparse.Namespace, policy: Any) -> int:
     servers = [server]
     if args.health_listen:
         servers.append(build_health_server(health_servicer))
-    for srv, address in zip(servers, (args.listen, args.health_listen), strict=False):
-        if not _bind(srv, address):
-            return 1
+    ports = [
+        _bind(srv, address) for srv, address in zip(servers, (args.listen, args.health_listen), strict=False)
+    ]
+    if 0 in ports:
+        return 1
     if args.metrics_listen:
         host, _, mport = args.metrics_listen.rpartition(":")
         start_http_server(int(mport), addr=host or "127.0.0.1", registry=metrics.registry)
     for srv in servers:
         await srv.start()
     await set_serving(health_servicer, True, args.explain)
-    log.info("serving %s on %s (policy %s)", "Authorization/Check", args.listen, policy.version)
+    log.info(
+        "serving Authorization/Check on %s:%d (policy %s)",
+        args.listen.rpartition(":")[0],
+        ports[0],
+        policy.version,
+    )
+    if args.health_listen:
+        log.info("serving grpc.health.v1 only on %s:%d", args.health_listen.rpartition(":")[0], ports[1])
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -266,14 +275,15 @@ async def _run(args: argparse.Namespace, policy: Any) -> int:
     return 0
 
 
-def _bind(server: Any, address: str) -> bool:
+def _bind(server: Any, address: str) -> int:
+    """Bind an address; returns the port (0 on failure, after logging why)."""
     try:
-        ok = bool(server.add_insecure_port(address))
+        port = int(server.add_insecure_port(address))
     except RuntimeError:
-        ok = False
-    if not ok:
-        log.error("cannot listen on %s", address)
-    return ok
+        port = 0
+    if not port:
+        log.error("cannot listen on %s (in use, or not a local address)", address)
+    return port
 
 
 async def _flush_every(telemetry: Any, seconds: float) -> None:

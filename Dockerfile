@@ -1,4 +1,4 @@
-# stepup-sidecar image: `docker build -t stepup-sidecar:0.1.0 .` (see docs/deploy.md).
+# stepup-sidecar image: `docker build -t stepup-sidecar:0.1.0 .` (see README, "Deploy on Kubernetes").
 # Stage 1 builds the wheel and installs it with its pinned dependencies into /opt/venv;
 # stage 2 is the same slim Python with only that venv: no pip cache, no compiler, no sources.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -15,6 +15,9 @@ COPY sidecar/ sidecar/
 RUN python -m venv /opt/venv \
  && python -m pip wheel --no-cache-dir --no-deps -w /wheels . \
  && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt /wheels/*.whl \
+ # xds-protos overwrites opentelemetry-proto's modules with an older copy: restore them.
+ && /opt/venv/bin/pip install --no-cache-dir --force-reinstall --no-deps -c constraints.txt opentelemetry-proto \
+ && /opt/venv/bin/python -c "import opentelemetry.exporter.otlp.proto.grpc.trace_exporter" \
  && /opt/venv/bin/pip uninstall -y pip setuptools wheel \
  && /opt/venv/bin/stepup-sidecar --version
 

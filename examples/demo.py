@@ -1,7 +1,8 @@
 """The step-up story, end to end: `make demo`.
 
 Starts the sidecar (examples/policy.yaml), the demo bank upstream and Envoy (examples/envoy/envoy.yaml)
-on free loopback ports, then plays a teller's day with a real gRPC client talking to Envoy:
+on free loopback ports (examples/stack.py, the harness the end-to-end tests use too), then plays a
+teller's day with a real gRPC client talking to Envoy:
 
 1. a password-only login reads a balance (allowed);
 2. the same token tries a transfer: UNAUTHENTICATED, with the acr_values / max_age to satisfy;
@@ -17,16 +18,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
-import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,193 +31,31 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 import grpc  # noqa: E402
-import yaml  # noqa: E402
 from google.rpc import error_details_pb2  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_status import rpc_status  # noqa: E402
 
+from examples.stack import stack as local_stack  # noqa: E402
 from sidecar import cli  # noqa: E402
 from sidecar._proto.bank.v1 import bank_pb2, bank_pb2_grpc  # noqa: E402
 
-POLICY = ROOT / "examples" / "policy.yaml"
-ENVOY_YAML = ROOT / "examples" / "envoy" / "envoy.yaml"
-
-
 # -- the stack -------------------------------------------------------------------------------
-
-
-class Stack:
-    """Child processes, each in its own process group, stopped in reverse order."""
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        with (self.logdir / f"{name}.out").open("wb") as out, (self.logdir / f"{name}.err").open("wb") as err:
-            p = subprocess.Popen(
-                argv, cwd=ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True
-            )  # Ctrl-C reaches us only; we stop them
-        self.procs.append((name, p))
-        return p
-
-    def wait_for(self, name: str, p: subprocess.Popen[bytes], ready: Any, timeout: float = 20) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if p.poll() is not None:
-                raise RuntimeError(f"{name} exited with {p.returncode}:\n{self.tail(name)}")
-            result = ready()
-            if result:
-                return result
-            time.sleep(0.05)
-        raise RuntimeError(f"{name} not ready after {timeout}s:\n{self.tail(name)}")
-
-    def tail(self, name: str) -> str:
-        return (self.logdir / f"{name}.err").read_text(errors="replace")[-2000:]
-
-    def stop(self) -> None:
-        for _name, p in reversed(self.procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for _name, p in reversed(self.procs):
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        self.procs.clear()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _serving(address: str) -> bool:
-    try:
-        with grpc.insecure_channel(address) as ch:
-            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-        return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
-    except grpc.RpcError:
-        return False
-
-
-def _admin(port: int, path: str) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-        return str(r.read().decode())
-
-
-def _envoy_config(sidecar_port: int, bank_port: int, http_port: int) -> dict[str, Any]:
-    """examples/envoy/envoy.yaml with admin and listener on port 0, clusters on our ports."""
-    doc = yaml.safe_load(ENVOY_YAML.read_text())
-    doc["admin"]["address"]["socket_address"]["port_value"] = 0
-    res = doc["static_resources"]
-    for li in res["listeners"]:
-        if li["name"] == "ingress":
-            li["address"]["socket_address"]["port_value"] = 0
-    ports = {"ext_authz": sidecar_port, "bank_upstream": bank_port, "http_upstream": http_port}
-    for c in res["clusters"]:
-        for group in c["load_assignment"]["endpoints"]:
-            for ep in group["lb_endpoints"]:
-                ep["endpoint"]["address"]["socket_address"]["port_value"] = ports[c["name"]]
-    return doc
 
 
 @contextlib.contextmanager
 def stack(envoy_bin: str) -> Iterator[str]:
     """Start sidecar, bank and Envoy; yield Envoy's listener address; stop them all."""
-    with tempfile.TemporaryDirectory(prefix="stepup-demo-") as tmp:
-        logdir = Path(tmp)
-        s = Stack(logdir)
-        try:
-            sidecar_port = _free_port()
-            sidecar_addr = f"127.0.0.1:{sidecar_port}"
-            sc = s.spawn(
-                "sidecar",
-                [
-                    sys.executable,
-                    "-m",
-                    "sidecar",
-                    "serve",
-                    "--policy",
-                    str(POLICY),
-                    "--listen",
-                    sidecar_addr,
-                    "--watch-interval",
-                    "0",
-                    "--shutdown-grace",
-                    "0.5",
-                    "--log-level",
-                    "warning",
-                ],
-            )
-            bank = s.spawn(
-                "bank",
-                [
-                    sys.executable,
-                    str(ROOT / "examples" / "bank_server.py"),
-                    "--grpc-listen",
-                    "127.0.0.1:0",
-                    "--http-listen",
-                    "127.0.0.1:0",
-                ],
-            )
-            bank_out = logdir / "bank.out"
-            line = s.wait_for(
-                "bank", bank, lambda: bank_out.read_text().partition("\n")[1] and bank_out.read_text()
-            )
-            ports = json.loads(line.splitlines()[0])
-            s.wait_for("sidecar", sc, lambda: _serving(sidecar_addr))
-
-            cfg = logdir / "envoy.yaml"
-            cfg.write_text(
-                yaml.safe_dump(_envoy_config(sidecar_port, ports["grpc_port"], ports["http_port"]))
-            )
-            admin_file = logdir / "envoy.admin"
-            env = s.spawn(
-                "envoy",
-                [
-                    envoy_bin,
-                    "-c",
-                    str(cfg),
-                    "-l",
-                    "warn",
-                    "--use-dynamic-base-id",
-                    "--concurrency",
-                    "1",
-                    "--admin-address-path",
-                    str(admin_file),
-                ],
-            )
-
-            def live() -> int:
-                text = admin_file.read_text().strip() if admin_file.exists() else ""
-                if not text:
-                    return 0
-                port = int(text.rpartition(":")[2])
-                try:
-                    return port if _admin(port, "/ready").strip() == "LIVE" else 0
-                except OSError:
-                    return 0
-
-            admin_port = s.wait_for("envoy", env, live)
-            listeners = json.loads(_admin(admin_port, "/listeners?format=json"))["listener_statuses"]
-            envoy_port = next(
-                li["local_address"]["socket_address"]["port_value"]
-                for li in listeners
-                if li["name"] == "ingress"
-            )
-            envoy_addr = f"127.0.0.1:{envoy_port}"
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="stepup-demo-") as tmp,
+            local_stack(Path(tmp), envoy_bin=envoy_bin, console_spans=None, decision_log=False) as s,
+        ):
             print("The stack (loopback ports chosen at run time):")
-            print(f"  sidecar  {sidecar_addr}   stepup-sidecar serve --policy examples/policy.yaml")
-            print(f"  bank     127.0.0.1:{ports['grpc_port']}   examples/bank_server.py (gRPC upstream)")
-            print(f"  envoy    {envoy_addr}   examples/envoy/envoy.yaml (ext_authz -> sidecar)")
-            yield envoy_addr
-        finally:
-            s.stop()
-            print("\nStopped the sidecar, the bank and Envoy.")
+            print(f"  sidecar  {s.sidecar.address}   stepup-sidecar serve --policy examples/policy.yaml")
+            print(f"  bank     {s.bank.address}   examples/bank_server.py (gRPC upstream)")
+            print(f"  envoy    {s.envoy.address}   examples/envoy/envoy.yaml (ext_authz -> sidecar)")
+            yield s.envoy.address
+    finally:
+        print("\nStopped the sidecar, the bank and Envoy.")
 
 
 # -- the story -------------------------------------------------------------------------------

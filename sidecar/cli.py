@@ -224,7 +224,7 @@ async def _run(args: argparse.Namespace, policy: Any) -> int:
 
     stream = {"stdout": sys.stdout, "stderr": sys.stderr, "off": None}[args.decision_log]
     metrics = Metrics()
-    telemetry = Telemetry(tracer_provider_from_env(), decision_log=stream, metrics=metrics)
+    telemetry = Telemetry(tracer_provider_from_env(metrics), decision_log=stream, metrics=metrics)
     decider = Decider(policy, telemetry)
     server, health_servicer = build_server(decider, explain=args.explain)
     await set_serving(health_servicer, False, args.explain)

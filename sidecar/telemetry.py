@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import IO, Any
@@ -21,8 +23,8 @@ from opentelemetry.propagators.b3 import B3MultiFormat
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -100,7 +102,7 @@ def build_propagator() -> TextMapPropagator:
     return _DefaultPropagator()
 
 
-def tracer_provider_from_env() -> TracerProvider | None:
+def tracer_provider_from_env(metrics: Metrics | None = None) -> TracerProvider | None:
     """Honour the standard OTEL_* variables. OTEL_TRACES_EXPORTER: otlp, console or none; when it is
     unset, OTLP is used if an OTLP endpoint variable is set, else no exporter (spans are not kept)."""
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
@@ -138,11 +140,89 @@ def tracer_provider_from_env() -> TracerProvider | None:
     resource = Resource.create({"service.name": "stepup-sidecar", "service.version": __version__})
     provider = TracerProvider(resource=resource)
     for exp in exporters:
-        # Bounded queue (OTEL_BSP_MAX_QUEUE_SIZE, default 2048): when the collector is down, spans
-        # are dropped, never queued without bound and never slowing decisions.
-        processor: SpanProcessor = BatchSpanProcessor(exp)
-        provider.add_span_processor(processor)
+        provider.add_span_processor(BoundedSpanProcessor(exp, metrics))
     return provider
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
+class BoundedSpanProcessor(SpanProcessor):
+    """Batches finished spans to an exporter from a worker thread, through a bounded queue.
+
+    When the collector is slow or down the queue fills and new spans are dropped and counted
+    (`stepup_spans_dropped_total`): never queued without bound, never slowing a decision, never
+    one log line per dropped span. Sizes follow OTEL_BSP_MAX_QUEUE_SIZE (2048),
+    OTEL_BSP_MAX_EXPORT_BATCH_SIZE (512) and OTEL_BSP_SCHEDULE_DELAY (5000 ms)."""
+
+    def __init__(self, exporter: SpanExporter, metrics: Metrics | None = None) -> None:
+        self.exporter = exporter
+        self.metrics = metrics
+        self.max_batch = _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
+        self.delay = _env_int("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
+        self.queue: queue.Queue[ReadableSpan] = queue.Queue(_env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048))
+        self.dropped = 0
+        self._stop = threading.Event()
+        self._flush_request = threading.Event()
+        self._worker = threading.Thread(target=self._run, name="stepup-span-export", daemon=True)
+        self._worker.start()
+
+    def on_start(self, span: Any, parent_context: Context | None = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if not span.context.trace_flags.sampled:
+            return
+        try:
+            self.queue.put_nowait(span)
+        except queue.Full:
+            self.dropped += 1
+            if self.metrics is not None:
+                self.metrics.spans_dropped.inc()
+
+    def _drain(self) -> list[ReadableSpan]:
+        batch: list[ReadableSpan] = []
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _export(self, batch: list[ReadableSpan]) -> None:
+        try:
+            result = self.exporter.export(batch)
+            failed = result is not SpanExportResult.SUCCESS
+        except Exception:
+            failed = True
+        if failed and self.metrics is not None:
+            self.metrics.span_export_failures.inc()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._flush_request.wait(self.delay)
+            self._flush_request.clear()
+            while batch := self._drain():
+                self._export(batch)
+        while batch := self._drain():
+            self._export(batch)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        self._flush_request.set()
+        deadline = time.monotonic() + timeout_millis / 1000
+        while not self.queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.queue.empty()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._flush_request.set()
+        self._worker.join(10)
+        self.exporter.shutdown()
 
 
 class Metrics:
@@ -165,6 +245,12 @@ class Metrics:
         )
         self.internal_errors = Counter(
             "stepup_internal_errors", "Checks denied because of an unexpected error", registry=self.registry
+        )
+        self.spans_dropped = Counter(
+            "stepup_spans_dropped", "Spans dropped because the export queue was full", registry=self.registry
+        )
+        self.span_export_failures = Counter(
+            "stepup_span_export_failures", "Span batches the exporter failed to send", registry=self.registry
         )
 
 

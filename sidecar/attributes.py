@@ -62,7 +62,17 @@ def from_check_request(req: Any) -> RequestAttributes:
             headers[key] = value if prev is None else f"{prev},{value}"
     else:
         headers = dict(http.headers)  # Envoy lower-cases these keys
-        if "authorization" in headers:
+        keys = "".join(headers)
+        if keys != keys.lower():
+            # Not from Envoy: fold case, joining repeats as Envoy would, keeping every credential.
+            folded: dict[str, str] = {}
+            for k, v in headers.items():
+                key = k.lower()
+                if key == "authorization":
+                    auth_values.append(v)
+                folded[key] = v if key not in folded else f"{folded[key]},{v}"
+            headers = folded
+        elif "authorization" in headers:
             auth_values.append(headers["authorization"])
     joined = "".join(headers.values()).encode("utf-8", "surrogatepass")
     # bytes.translate is a C loop: the common (clean) case costs well under a microsecond.

@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds between policy file checks, 0 disables [STEPUP_WATCH_INTERVAL] (default 2)",
     )
     s.add_argument(
+        "--drain-delay",
+        type=float,
+        default=float(_env("DRAIN_DELAY", "1")),
+        help="on SIGTERM, seconds to keep answering while health reports NOT_SERVING, before new calls"
+        " are refused (callers and probes notice first) [STEPUP_DRAIN_DELAY] (default 1; SIGINT skips it)",
+    )
+    s.add_argument(
         "--shutdown-grace",
         type=float,
         default=float(_env("SHUTDOWN_GRACE", "10")),
@@ -252,9 +259,15 @@ async def _run(args: argparse.Namespace, policy: Any) -> int:
         log.info("serving grpc.health.v1 only on %s:%d", args.health_listen.rpartition(":")[0], ports[1])
 
     stop = asyncio.Event()
+    received: list[int] = []
     loop = asyncio.get_running_loop()
+
+    def _on_signal(sig: int) -> None:
+        received.append(sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _on_signal, sig)
     watcher = PolicyWatcher(Path(args.policy), decider, args.watch_interval)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(watcher.reload()))
     tasks = [asyncio.ensure_future(_flush_every(telemetry, 0.5))]
@@ -265,6 +278,10 @@ async def _run(args: argparse.Namespace, policy: Any) -> int:
         "shutting down: health NOT_SERVING, finishing in-flight calls (grace %.1fs)", args.shutdown_grace
     )
     await set_serving(health_servicer, False, args.explain)
+    if args.drain_delay > 0 and received[:1] == [signal.SIGTERM]:
+        # Keep answering while callers and probes see NOT_SERVING: gRPC's stop() would cancel
+        # calls that have arrived but not yet reached the servicer.
+        await asyncio.sleep(args.drain_delay)
     await server.stop(args.shutdown_grace)
     for srv in servers[1:]:
         await srv.stop(0)

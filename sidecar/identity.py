@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -179,8 +180,9 @@ class Authenticator:
     def _check_times(self, claims: Mapping[str, Any], now: float) -> float:
         skew = self._skew
         exp = claims.get("exp")
-        if not isinstance(exp, int | float) or isinstance(exp, bool):
+        if not _is_number(exp):
             raise AuthError("invalid_claim", "the token has no valid 'exp'")
+        assert isinstance(exp, int | float)
         if now > exp + skew:
             raise AuthError("token_expired", "the token has expired")
         nbf = claims.get("nbf")
@@ -258,7 +260,8 @@ def _with_principal(ident: Identity, principal: str) -> Identity:
 
 
 def _is_number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    """A JSON number usable as a time: not a bool, not NaN or +-Infinity (json.loads accepts them)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _claim(claims: Mapping[str, Any], path: str) -> Any:

@@ -9,11 +9,11 @@ _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 _HEX = frozenset("0123456789abcdefABCDEF")
 # Characters a raw :path may carry (RFC 3986 pchar, '/', '?', '#', '%'). Everything else, including
 # controls, spaces, backslashes and any byte >= 0x80, is refused before any decoding.
-_RAW_OK = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,;=:@/%?#]*$")
+_RAW_OK = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%?#]*")  # used with fullmatch (no '$' before '\n')
 MAX_PATH = 8192
-# Escapes that change the path's structure once an upstream decodes them ('/', '\\'), controls
-# (NUL included), and '%' itself (double encoding).
-_FORBIDDEN_ESCAPES = frozenset([*range(0x00, 0x20), 0x7F, 0x2F, 0x5C, 0x25])
+# Escapes that change the path's structure once an upstream decodes them ('/', '\\', ';' path
+# parameters), controls (NUL included), and '%' itself (double encoding).
+_FORBIDDEN_ESCAPES = frozenset([*range(0x00, 0x20), 0x7F, 0x2F, 0x5C, 0x25, 0x3B])
 
 
 class PathError(ValueError):
@@ -36,7 +36,7 @@ def normalize_path(raw: str) -> str:
     """
     if not raw or len(raw) > MAX_PATH:
         raise PathError("invalid_path", "empty or oversized path")
-    if not _RAW_OK.match(raw):
+    if not _RAW_OK.fullmatch(raw):
         raise PathError("invalid_path", "path has characters outside RFC 3986")
     cut = len(raw)
     for sep in ("?", "#"):

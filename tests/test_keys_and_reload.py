@@ -159,7 +159,9 @@ def test_a_changed_jwks_file_alone_triggers_a_reload(tmp_path: Path) -> None:
     jwks.write_text(json.dumps({"keys": [_public(PRIVATE_JWK)]}))
     text = EXAMPLE_POLICY.read_text().replace("jwks_file: keys/dev-jwks.json", "jwks_file: jwks.json")
     (tmp_path / "policy.yaml").write_text(text)
-    decider = Decider(load_policy(tmp_path / "policy.yaml"), Telemetry(None, decision_log=None, metrics=Metrics()))
+    decider = Decider(
+        load_policy(tmp_path / "policy.yaml"), Telemetry(None, decision_log=None, metrics=Metrics())
+    )
     watcher = PolicyWatcher(tmp_path / "policy.yaml", decider, interval=0.05)
     rotated = make_token(header={"kid": "rotated-2"}, key=ROTATED)
     assert _decide(decider.engine, rotated) == "unknown_key"

@@ -54,6 +54,7 @@ def test_canonical_form(raw: str, canonical: str) -> None:
         "/a%c3",
         "/a%252e%252e",
         "/admin;jsessionid=1",
+        "/admin%3Bjsessionid=1",
         "/public/..;/admin",
         "/caf\u00e9",
         "/" + "a" * 9000,

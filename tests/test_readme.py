@@ -26,7 +26,10 @@ def test_the_two_commands_are_shown() -> None:
 
 
 def test_the_policy_example_is_the_file_make_run_serves() -> None:
-    assert _block_after("The complete example that `make run` serves").strip() == EXAMPLE_POLICY.read_text().strip()
+    assert (
+        _block_after("The complete example that `make run` serves").strip()
+        == EXAMPLE_POLICY.read_text().strip()
+    )
 
 
 def test_the_envoy_snippet_matches_the_example_config() -> None:
@@ -40,7 +43,9 @@ def test_the_envoy_snippet_matches_the_example_config() -> None:
             assert cfg[key] == value, (f["name"], key)
     clusters = {c["name"]: c for c in example["static_resources"]["clusters"]}
     for c in snippet["clusters"]:
-        assert c["typed_extension_protocol_options"] == clusters[c["name"]]["typed_extension_protocol_options"]
+        assert (
+            c["typed_extension_protocol_options"] == clusters[c["name"]]["typed_extension_protocol_options"]
+        )
 
 
 def test_every_serve_flag_and_env_var_is_documented() -> None:

@@ -40,9 +40,7 @@ class Running:
         self.log = io.StringIO()
         self.metrics = Metrics()
         self.telemetry = Telemetry(provider, decision_log=self.log, metrics=self.metrics)
-        self.decider = Decider(
-            load_policy(EXAMPLE_POLICY), self.telemetry, FixedClock(NOW)
-        )
+        self.decider = Decider(load_policy(EXAMPLE_POLICY), self.telemetry, FixedClock(NOW))
         self.loop = asyncio.new_event_loop()
         self.port = 0
         self._ready = threading.Event()

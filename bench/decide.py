@@ -53,7 +53,7 @@ def generated_policy(n_rules: int, tmp: Path) -> Path:
     levels = base[base.index("sensitivity:\n") : base.index("  rules:\n")]
     out = [head, levels, "  rules:\n"]
     for i in range(half):
-        out.append(f'    - {{id: s{i}, match: ["/gen{i % 97}.v1.Service{i}/*"], level: personal}}\n')
+        out.append(f'    - {{id: s{i}, match: ["/gen{i % 97}.v1.Service{i}/*"], level: low}}\n')
     out.append('    - {id: transfer, match: ["/bank.v1.Payments/Transfer"], level: high}\n')
     out.append("permissions:\n")
     for i in range(half):

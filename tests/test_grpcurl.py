@@ -26,7 +26,7 @@ import e2e_stack as st
 
 pytestmark = pytest.mark.e2e
 
-# The file whose grpcurl examples are tested (the lead will move them into README.md).
+# The file whose grpcurl examples are tested.
 DOC = st.ROOT / "README.md"
 DOC_ADDRESS = "127.0.0.1:9191"
 

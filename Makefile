@@ -7,12 +7,12 @@ LISTEN ?= 127.0.0.1:9191
 
 .PHONY: run test lint proto proto-check bench demo clean
 
+# xds-protos ships an old copy of opentelemetry/proto/* over opentelemetry-proto's files, which
+# breaks the OTLP exporter: the last install line puts the real ones back (tests/test_telemetry.py).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
-	# xds-protos ships an old copy of opentelemetry/proto/* over opentelemetry-proto's files,
-	# which breaks the OTLP exporter; put the real ones back (tests/test_telemetry.py checks).
 	$(BIN)/python -m pip install -q --force-reinstall --no-deps -c constraints.txt opentelemetry-proto
 	touch $(STAMP)
 

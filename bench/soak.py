@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 from envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from joserfc.jwk import import_key  # noqa: E402
 
+from examples.stack import free_port, wait_serving  # noqa: E402
 from tests.helpers import EXAMPLE_POLICY, PRIVATE_JWK, check_request, make_token  # noqa: E402
 
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
@@ -146,26 +145,6 @@ def rss_kib(pid: int | None) -> int | None:
     except OSError:
         return None
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_serving(address: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise SystemExit(f"{address} never became SERVING")
 
 
 def pct(sorted_values: list[float], p: float) -> float:

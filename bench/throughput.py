@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from examples.stack import free_port  # noqa: E402
 from tests.helpers import ACR_PHR, EXAMPLE_POLICY, check_request, make_token  # noqa: E402
 
 BARE = """
@@ -44,12 +45,6 @@ async def main():
     await server.wait_for_termination()
 uvloop.run(main())
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 20) -> None:
@@ -136,9 +131,12 @@ def main() -> int:
         results["bare constant-OK server"] = run(
             [sys.executable, "-c", BARE, f"127.0.0.1:{p}"], p, body, args, env
         )
-        p = free_port()
-        results["stepup-sidecar, decision log off"] = run(
-            [
+        for label, extra_env in (
+            ("decision log off", {"STEPUP_DECISION_LOG": "off"}),
+            ("decision log on", {"STEPUP_DECISION_LOG": "stdout"}),
+        ):
+            p = free_port()
+            cmd = [
                 sys.executable,
                 "-m",
                 "sidecar",
@@ -147,31 +145,8 @@ def main() -> int:
                 str(EXAMPLE_POLICY),
                 "--listen",
                 f"127.0.0.1:{p}",
-                "--decision-log",
-                "off",
-            ],
-            p,
-            body,
-            args,
-            env,
-        )
-        p = free_port()
-        results["stepup-sidecar, decision log on"] = run(
-            [
-                sys.executable,
-                "-m",
-                "sidecar",
-                "serve",
-                "--policy",
-                str(EXAMPLE_POLICY),
-                "--listen",
-                f"127.0.0.1:{p}",
-            ],
-            p,
-            body,
-            args,
-            env | {"STEPUP_DECISION_LOG": "stdout"},
-        )
+            ]
+            results[f"stepup-sidecar, {label}"] = run(cmd, p, body, args, env | extra_env)
     base = results["bare constant-OK server"][0]
     print(f"h2load -D {args.seconds} -c {args.clients} -m {args.streams}, one allowed Check (cached token)")
     for name, (rps, ok, failed) in results.items():

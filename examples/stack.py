@@ -54,6 +54,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def health_status(address: str, service: str = "", timeout: float = 0.5) -> int:
+    """grpc.health.v1 Check, as a kubelet gRPC probe asks it: the status, or -1 if unreachable."""
+    with grpc.insecure_channel(address) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError:
+            return -1
+    return int(resp.status)
+
+
+def wait_serving(address: str, timeout: float = 30.0, service: str = "") -> None:
+    """Block until `address` reports SERVING; StackError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if health_status(address, service) == health_pb2.HealthCheckResponse.SERVING:
+            return
+        time.sleep(0.1)
+    raise StackError(f"{address} never became SERVING")
+
+
 # -- processes ----------------------------------------------------------------------------------
 
 
@@ -189,14 +211,7 @@ class Sidecar(Service):
         return f"127.0.0.1:{self.port}"
 
     def serving(self) -> bool:
-        try:
-            with grpc.insecure_channel(self.address) as ch:
-                resp = health_pb2_grpc.HealthStub(ch).Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=0.5
-                )
-            return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
-        except grpc.RpcError:
-            return False
+        return health_status(self.address) == health_pb2.HealthCheckResponse.SERVING
 
     def wait_ready(self) -> None:
         self.proc.wait_for(self.serving, "SERVING on grpc.health.v1")

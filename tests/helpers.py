@@ -24,6 +24,16 @@ ACR_PHR = "phr"
 ACR_PHRH = "phrh"
 
 
+def example_policy_text(*replacements: tuple[str, str]) -> str:
+    """The example policy's text, usable from any directory (JWKS path made absolute), with
+    (old, new) replacements applied; each `old` must occur."""
+    text = EXAMPLE_POLICY.read_text().replace("jwks_file: keys/", f"jwks_file: {EXAMPLE_POLICY.parent}/keys/")
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
 class FixedClock:
     def __init__(self, now: float = NOW) -> None:
         self.now = now

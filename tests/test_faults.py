@@ -27,11 +27,11 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from joserfc.jwk import RSAKey, import_key
 
+from examples.stack import free_port, wait_serving
 from sidecar.config import load_policy, load_policy_text
 from sidecar.jwks import RemoteKeys
 from sidecar.server import PolicyWatcher
 from tests.helpers import ACR_PHRH, EXAMPLE_POLICY, PRIVATE_JWK, check_request, make_token
-from tests.test_cli_serve import free_port, wait_serving
 from tests.test_server import Running
 
 TRANSFER = "/bank.v1.Payments/Transfer"

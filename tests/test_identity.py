@@ -12,10 +12,18 @@ import pytest
 from joserfc.jwk import ECKey, RSAKey
 
 from sidecar.attributes import from_check_request
-from sidecar.config import load_policy
+from sidecar.config import load_policy, load_policy_text
 from sidecar.engine import Engine, Policy
 from sidecar.identity import AuthError
-from tests.helpers import EXAMPLE_POLICY, NOW, PRIVATE_JWK, FixedClock, check_request, make_token
+from tests.helpers import (
+    EXAMPLE_POLICY,
+    NOW,
+    PRIVATE_JWK,
+    FixedClock,
+    check_request,
+    example_policy_text,
+    make_token,
+)
 
 BALANCE = "/bank.v1.Accounts/GetBalance"
 
@@ -144,16 +152,7 @@ def test_cached_identity_takes_the_calls_own_principal(example_policy: Policy) -
 
 
 def test_entra_style_acrs_list_takes_the_strongest_mapped_value(tmp_path: Any) -> None:
-    text = (
-        EXAMPLE_POLICY.read_text()
-        .replace("acr: acr", "acr: acrs")
-        .replace(
-            "jwks_file: keys/dev-jwks.json", f"jwks_file: {EXAMPLE_POLICY.parent / 'keys' / 'dev-jwks.json'}"
-        )
-    )
-    p = tmp_path / "p.yaml"
-    p.write_text(text)
-    policy = load_policy(p)
+    policy = load_policy_text(example_policy_text(("acr: acr", "acr: acrs")))
     ident = policy.authenticator.from_bearer(
         make_token(drop=("acr",), acrs=["urn:okta:loa:1fa:any", "phr"]), "", NOW
     )
@@ -161,16 +160,7 @@ def test_entra_style_acrs_list_takes_the_strongest_mapped_value(tmp_path: Any) -
 
 
 def test_nested_claim_paths(tmp_path: Any) -> None:
-    text = (
-        EXAMPLE_POLICY.read_text()
-        .replace("roles: roles", "roles: realm_access.roles")
-        .replace(
-            "jwks_file: keys/dev-jwks.json", f"jwks_file: {EXAMPLE_POLICY.parent / 'keys' / 'dev-jwks.json'}"
-        )
-    )
-    p = tmp_path / "p.yaml"
-    p.write_text(text)
-    policy = load_policy(p)
+    policy = load_policy_text(example_policy_text(("roles: roles", "roles: realm_access.roles")))
     ident = policy.authenticator.from_bearer(
         make_token(drop=("roles",), realm_access={"roles": ["teller"]}), "", NOW
     )

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +26,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+
+from examples.stack import free_port, health_status
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -286,40 +287,18 @@ def test_sidecar_probes_are_grpc_health_on_the_health_only_port(probe: str) -> N
     assert env(c)["STEPUP_LISTEN"].rpartition(":")[0] == "127.0.0.1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _probe(address: str, service: str) -> int:
-    """What the kubelet's grpc probe does: grpc.health.v1 Check; -1 when unreachable."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as ch:
-        try:
-            return int(
-                health_pb2_grpc.HealthStub(ch)
-                .Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
-                .status
-            )
-        except grpc.RpcError:
-            return -1
-
-
 def test_probe_passes_only_while_the_sidecar_serves(tmp_path: Path) -> None:
     """The readiness probe's request fails with no sidecar and reports SERVING once it serves the
     policy from the ConfigMap, on the health-only address."""
     g = _grpc_probe("base", "readinessProbe")
     for name, text in configmap_files("base", "stepup-policy").items():
         (tmp_path / name).write_text(text)
-    health = f"127.0.0.1:{_free_port()}"
-    assert _probe(health, g["service"]) == -1
+    health = f"127.0.0.1:{free_port()}"
+    assert health_status(health, g["service"], timeout=2) == -1
 
     server_env = {
         **os.environ,
-        "STEPUP_LISTEN": f"127.0.0.1:{_free_port()}",
+        "STEPUP_LISTEN": f"127.0.0.1:{free_port()}",
         "STEPUP_HEALTH_LISTEN": health,
         "STEPUP_METRICS_LISTEN": "",
         "STEPUP_DECISION_LOG": "off",
@@ -337,7 +316,7 @@ def test_probe_passes_only_while_the_sidecar_serves(tmp_path: Path) -> None:
         deadline = time.monotonic() + 20
         status = -1
         while time.monotonic() < deadline and server.poll() is None:
-            status = _probe(health, g["service"])
+            status = health_status(health, g["service"], timeout=2)
             if status == 1:
                 break
             time.sleep(0.2)

@@ -12,7 +12,7 @@ from sidecar.attributes import from_check_request
 from sidecar.config import load_policy_text
 from sidecar.policy import SubjectView, build_index
 from sidecar.risk import DeviceUnknown, OutsideHours, SourceNotIn
-from tests.helpers import EXAMPLE_POLICY, NOW, check_request, make_token
+from tests.helpers import NOW, check_request, example_policy_text, make_token
 
 
 # --- operation index ---------------------------------------------------------------------------
@@ -54,13 +54,11 @@ def test_lookup_in_100k_rules() -> None:
 
 
 def test_principal_patterns_are_literal_not_regex() -> None:
-    text = (
-        EXAMPLE_POLICY.read_text()
-        .replace(
+    text = example_policy_text(
+        (
             'allow: {principals: ["spiffe://cluster.local/ns/bank/sa/ledger"]}',
             'allow: {principals: ["spiffe://cluster.local/ns/bank.prod/sa/*"]}',
         )
-        .replace("jwks_file: keys/", f"jwks_file: {EXAMPLE_POLICY.parent}/keys/")
     )
     policy = load_policy_text(text)
     tables = policy.tables
@@ -163,7 +161,7 @@ def test_hours_window_across_midnight() -> None:
 
 
 def test_risk_rules_raise_by_one_and_cap_max_age_in_a_policy() -> None:
-    text = EXAMPLE_POLICY.read_text().replace("jwks_file: keys/", f"jwks_file: {EXAMPLE_POLICY.parent}/keys/")
+    text = example_policy_text()
     text = text.replace(
         "risk:\n",
         "risk:\n  - id: unknown-device\n    when: {device_unknown: {header: x-device-id}}\n    raise: 1\n"

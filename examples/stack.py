@@ -423,6 +423,8 @@ def new_envoy(
         str(admin_path),
         "--concurrency",
         "1",
+        "--file-flush-interval-msec",  # access log lines appear within 0.2 s, not Envoy's default 10 s
+        "200",
     ]
     return Envoy(Proc(name, argv, workdir), admin_path)
 

@@ -58,7 +58,17 @@ def allow(d: Decision, decision_id: str, level_names: tuple[str, ...], hdrs: Ups
     ok = resp.ok_response
     _set_headers(ok.headers, values.items())
     ok.headers_to_remove.extend([n for n in hdrs.names() if n not in values])
+    _metadata(resp, d, decision_id)
     return resp
+
+
+def _metadata(resp: Any, d: Decision, decision_id: str) -> None:
+    """Envoy stores this under the ext_authz filter's namespace, for its access logs:
+    %DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision_id)%."""
+    md = resp.dynamic_metadata
+    md["decision_id"] = decision_id
+    md["outcome"] = d.outcome.value
+    md["reason"] = d.reason
 
 
 def _set_headers(field: Any, items: Any) -> None:
@@ -117,4 +127,5 @@ def deny(d: Decision, decision_id: str, realm: str, is_grpc: bool) -> Any:
     denied.status.code = d.http_status
     _set_headers(denied.headers, headers)
     denied.body = body
+    _metadata(resp, d, decision_id)
     return resp

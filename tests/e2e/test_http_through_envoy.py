@@ -152,3 +152,29 @@ def test_jwt_authn_rejects_a_bad_token_before_the_sidecar(envoy_jwt: st.Envoy, s
         == checks
     )
     assert len(sidecar.decisions()) == before
+
+
+def _access_log(front: st.Envoy, decision_id: str) -> dict[str, Any]:
+    import json
+    import time
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # Envoy flushes its access log asynchronously
+        for line in front.proc.stdout().splitlines():
+            if decision_id in line and line.startswith("{"):
+                return json.loads(line)  # type: ignore[no-any-return]
+        time.sleep(0.1)
+    raise AssertionError(f"no access log line for {decision_id}:\n{front.proc.stdout()[-2000:]}")
+
+
+def test_envoy_access_log_carries_the_decision_from_dynamic_metadata(front: st.Envoy) -> None:
+    """The sidecar's decision id, outcome and reason reach Envoy's own access log, allow or deny."""
+    allowed = send(front, "GET", "/v1/accounts/1/balance", TELLER_1FA)
+    (decision_id,) = upstream_saw(allowed)["x-auth-decision-id"]
+    line = _access_log(front, decision_id)
+    assert (line["authz_outcome"], line["authz_reason"], line["status"]) == ("allow", "allowed", 200)
+
+    denied = send(front, "POST", "/v1/transfers", TELLER_1FA)
+    assert denied.status == 401
+    line = _access_log(front, denied.json()["decision_id"])
+    assert (line["authz_outcome"], line["authz_reason"], line["status"]) == ("step_up", "acr_too_low", 401)

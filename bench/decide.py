@@ -127,7 +127,7 @@ def run(policy: Policy, label: str, n: int, rounds: int, gen: int) -> None:
                 policy_version=policy.version,
                 level_names=policy.levels,
                 start_ns=start,
-                parent=tel.parent(a.trace_carrier),
+                parent=tel.parent(a.headers),
             )
             resp.SerializeToString()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
@@ -34,9 +34,7 @@ class RequestAttributes:
     # comma-joined credentials) or "malformed_token".
     bearer: str = ""
     auth_problem: str = ""
-    other_scheme: bool = False
     header_problem: str = ""
-    trace_carrier: dict[str, str] = field(default_factory=dict)
 
 
 def from_check_request(req: Any) -> RequestAttributes:
@@ -84,7 +82,7 @@ def from_check_request(req: Any) -> RequestAttributes:
             elif _BAD_HEADER_CHARS.search(value):
                 header_problem = f"header {key[:64]!r} has control characters"
 
-    bearer, auth_problem, other_scheme = _bearer(auth_values)
+    bearer, auth_problem = _bearer(auth_values)
 
     raw_path = http.path or headers.get(":path", "")
     try:
@@ -112,30 +110,29 @@ def from_check_request(req: Any) -> RequestAttributes:
         context_extensions=dict(attrs.context_extensions),
         bearer=bearer,
         auth_problem=auth_problem,
-        other_scheme=other_scheme,
         header_problem=header_problem,
-        trace_carrier=headers,
     )
 
 
-def _bearer(values: list[str]) -> tuple[str, str, bool]:
-    """-> (token, problem, other_scheme). Repeated or comma-joined credentials are ambiguous."""
+def _bearer(values: list[str]) -> tuple[str, str]:
+    """-> (token, problem). Another scheme (Basic...) is no bearer credential; repeated or
+    comma-joined credentials are ambiguous."""
     if not values:
-        return "", "", False
+        return "", ""
     if len(values) > 1:
-        return "", "ambiguous_credentials", False
+        return "", "ambiguous_credentials"
     value = values[0].strip()
     if "," in value:
-        return "", "ambiguous_credentials", False
+        return "", "ambiguous_credentials"
     scheme, _, rest = value.partition(" ")
     if scheme.lower() != "bearer":
-        return "", "", True
+        return "", ""
     token = rest.strip()
     if not token:
-        return "", "malformed_token", False
+        return "", "malformed_token"
     if not _is_token68(token):
-        return "", "malformed_token", False
-    return token, "", False
+        return "", "malformed_token"
+    return token, ""
 
 
 def _is_token68(token: str) -> bool:

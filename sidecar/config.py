@@ -306,7 +306,7 @@ class _Builder:
                 self.err(("sensitivity", "rules", i, "level"), f"unknown sensitivity level {r['level']!r}")
                 continue
             for j, pat in enumerate(r["match"]):
-                sens_entries.append((pat, SensitivityRule(r["id"], r["level"], pat)))
+                sens_entries.append((pat, SensitivityRule(r["id"], r["level"])))
                 sens_pos.append(("sensitivity", "rules", i, "match", j))
         self._unique_ids("sensitivity.rules", d["sensitivity"]["rules"], ("sensitivity", "rules"))
         sens_index = build_index(
@@ -485,7 +485,6 @@ class _Builder:
         return PermissionRule(
             id=r["id"],
             anyone=bool(a.get("anyone")),
-            authenticated=bool(a.get("authenticated")),
             issuers=frozenset(a.get("issuers", ())),
             users=frozenset(a.get("users", ())),
             roles=frozenset(a.get("roles", ())),

@@ -249,9 +249,6 @@ class _TokenCache:
             self._d.pop(next(iter(self._d)), None)
         self._d[token] = (ident, expires)
 
-    def __len__(self) -> int:
-        return len(self._d)
-
 
 def _with_principal(ident: Identity, principal: str) -> Identity:
     from dataclasses import replace

@@ -178,7 +178,6 @@ class PermissionRule:
 
     id: str
     anyone: bool = False
-    authenticated: bool = False
     issuers: frozenset[str] = frozenset()
     users: frozenset[str] = frozenset()
     roles: frozenset[str] = frozenset()
@@ -224,7 +223,6 @@ class PermissionRule:
 class SensitivityRule:
     id: str
     level: str
-    pattern: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,7 +107,7 @@ class Decider:
 
     def record(self, ev: _Evaluation, decision_id: str, start_ns: int) -> None:
         try:
-            parent = self.telemetry.parent(ev.attrs.trace_carrier) if ev.attrs is not None else None
+            parent = self.telemetry.parent(ev.attrs.headers) if ev.attrs is not None else None
             self.telemetry.record(
                 decision=ev.decision,
                 attrs=ev.attrs,

@@ -45,7 +45,9 @@ def from_check_request(req: Any) -> RequestAttributes:
     auth_values: list[str] = []
     headers: dict[str, str]
     if len(http.header_map.headers):
-        headers = {}
+        # Repeated keys are collected, then joined once (as Envoy joins them): linear in the
+        # number of values, however many times one key repeats.
+        multi: dict[str, list[str]] = {}
         for hv in http.header_map.headers:
             key = hv.key.lower()
             raw = hv.raw_value
@@ -56,20 +58,24 @@ def from_check_request(req: Any) -> RequestAttributes:
                 continue
             if key == "authorization":
                 auth_values.append(value)
-            prev = headers.get(key)
-            headers[key] = value if prev is None else f"{prev},{value}"
+            values = multi.get(key)
+            if values is None:
+                multi[key] = [value]
+            else:
+                values.append(value)
+        headers = {k: v[0] if len(v) == 1 else ",".join(v) for k, v in multi.items()}
     else:
         headers = dict(http.headers)  # Envoy lower-cases these keys
         keys = "".join(headers)
         if keys != keys.lower():
             # Not from Envoy: fold case, joining repeats as Envoy would, keeping every credential.
-            folded: dict[str, str] = {}
+            folded: dict[str, list[str]] = {}
             for k, v in headers.items():
                 key = k.lower()
                 if key == "authorization":
                     auth_values.append(v)
-                folded[key] = v if key not in folded else f"{folded[key]},{v}"
-            headers = folded
+                folded.setdefault(key, []).append(v)
+            headers = {k: ",".join(v) for k, v in folded.items()}
         elif "authorization" in headers:
             auth_values.append(headers["authorization"])
     joined = "".join(headers.values()).encode("utf-8", "surrogatepass")
@@ -97,7 +103,7 @@ def from_check_request(req: Any) -> RequestAttributes:
 
     source = attrs.source
     return RequestAttributes(
-        method=(http.method or headers.get(":method", "")).upper(),
+        method=http.method or headers.get(":method", ""),  # case-sensitive (RFC 9110 §9.1)
         raw_path=raw_path,
         path=path,
         path_error=path_error,

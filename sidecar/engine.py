@@ -16,6 +16,7 @@ from sidecar.assurance import Requirement, Shortfall, shortfall
 from sidecar.attributes import RequestAttributes
 from sidecar.decision import Decision, Outcome
 from sidecar.identity import Authenticator, AuthError, Identity, IssuerConfig
+from sidecar.paths import valid_method
 from sidecar.policy import SubjectView, Tables
 from sidecar.risk import RiskRule
 
@@ -93,7 +94,7 @@ class Engine:
             return out(Outcome.DENY, "invalid_path", 400, a.path_error, error="invalid_request")
         if a.header_problem:
             return out(Outcome.DENY, "invalid_header", 400, a.header_problem, error="invalid_request")
-        if not a.method.isalpha():
+        if not valid_method(a.method):
             return out(
                 Outcome.DENY, "invalid_method", 400, "missing or invalid method", error="invalid_request"
             )
@@ -175,6 +176,16 @@ class Engine:
         if perm.workload:
             # A workload's own call (no end-user token), granted by an mTLS-principal rule.
             return out(Outcome.ALLOW, "workload_granted", 200, identity=ident)
+        if not ident.is_user:
+            # Granted by a rule that does not name principals (e.g. `anyone`), on an operation
+            # that needs an end user's authentication: what is missing is a user token.
+            return out(
+                Outcome.UNAUTHENTICATED,
+                "missing_credential",
+                401,
+                "authentication is required",
+                identity=ident,
+            )
 
         # 5. How strong and how fresh must the authentication be?
         req = self._requirement(spec, sensitivity, a, now)

@@ -29,6 +29,7 @@ from sidecar.assurance import IssuerAcr, level_from_claims
 from sidecar.jwks import KeyProvider
 
 MAX_TOKEN_BYTES = 8 * 1024
+CACHE_MAX_BYTES = 32 * 1024 * 1024  # the verified-token cache's budget (estimated bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +121,13 @@ class Authenticator:
             if not isinstance(claims, dict):
                 raise AuthError("malformed_token", "jwt_authn payload is not an object")
             iss = claims.get("iss")
+            if not isinstance(iss, str):
+                raise AuthError("invalid_claim", "the token has no string 'iss'")
             for cfg in self._md_issuers:
                 if cfg.jwt_authn_payload == key and cfg.issuer == iss:
+                    # Envoy checked the signature; the claims get every other check a bearer
+                    # token gets (jwt_authn may be configured with other audiences or none).
+                    self._check_audience(cfg, claims)
                     self._check_times(claims, now)
                     return self._identity(cfg, claims, "jwt_authn", principal, now)
             raise AuthError("unknown_issuer", "the token's issuer is not trusted")
@@ -136,11 +142,14 @@ class Authenticator:
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthError("malformed_token", "token too large")
         header, unverified = _peek(token)
-        cfg = self._by_iss.get(unverified.get("iss"))  # type: ignore[arg-type]
+        iss = unverified.get("iss")
+        if not isinstance(iss, str):
+            raise AuthError("malformed_token", "the token has no string 'iss'")
+        cfg = self._by_iss.get(iss)
         if cfg is None:
             raise AuthError("unknown_issuer", "the token's issuer is not trusted")
         alg = header.get("alg")
-        if alg not in cfg.algorithms:
+        if not isinstance(alg, str) or alg not in cfg.algorithms:
             raise AuthError("disallowed_algorithm", "the token's algorithm is not allowed for its issuer")
         assert cfg.keys is not None
         keyset = cfg.keys.keyset()
@@ -160,22 +169,32 @@ class Authenticator:
             raise AuthError("invalid_token", f"the token was rejected ({e.error})") from None
         except Exception:
             raise AuthError("malformed_token", "the token could not be decoded") from None
-        try:
-            claims = json.loads(obj.payload)
-        except ValueError:
-            raise AuthError("malformed_token", "the token's payload is not JSON") from None
+        claims = _json(obj.payload)
         if not isinstance(claims, dict):
             raise AuthError("malformed_token", "the token's payload is not a JSON object")
         if claims.get("iss") != cfg.issuer:
             raise AuthError("unknown_issuer", "the token's issuer is not trusted")
-        aud = claims.get("aud")
-        auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-        if cfg.audiences and cfg.audiences.isdisjoint(a for a in auds if isinstance(a, str)):
-            raise AuthError("wrong_audience", "the token is not meant for this audience")
+        self._check_audience(cfg, claims)
         exp = self._check_times(claims, now)
         ident = self._identity(cfg, claims, "bearer", principal, now)
         self._cache.put(token, ident, min(exp + self._skew, now + self._max_ttl))
         return ident
+
+    @staticmethod
+    def _check_audience(cfg: IssuerConfig, claims: Mapping[str, Any]) -> None:
+        if not cfg.audiences:
+            return
+        aud = claims.get("aud")
+        if isinstance(aud, str):
+            ok = aud in cfg.audiences
+        elif isinstance(aud, list):
+            ok = any(isinstance(a, str) and a in cfg.audiences for a in aud)
+        elif aud is None:
+            ok = False
+        else:
+            raise AuthError("invalid_claim", "'aud' is neither a string nor a list")
+        if not ok:
+            raise AuthError("wrong_audience", "the token is not meant for this audience")
 
     def _check_times(self, claims: Mapping[str, Any], now: float) -> float:
         skew = self._skew
@@ -200,8 +219,8 @@ class Authenticator:
         sub = _claim(claims, names.subject)
         if not isinstance(sub, str) or not sub:
             raise AuthError("invalid_claim", f"the token has no string '{names.subject}'")
-        acr = _strings(claims, names.acr, "acr", allow_str=True)
-        amr = _strings(claims, names.amr, "amr", allow_str=False)
+        acr = _strings(claims, names.acr, "acr")
+        amr = _strings(claims, names.amr, "amr")
         auth_time = _claim(claims, names.auth_time)
         if auth_time is not None:
             if not _is_number(auth_time):
@@ -216,9 +235,9 @@ class Authenticator:
             issuer_id=cfg.id,
             issuer=cfg.issuer,
             subject=sub,
-            roles=frozenset(_strings(claims, names.roles, "roles", allow_str=True, split=True)),
-            groups=frozenset(_strings(claims, names.groups, "groups", allow_str=True, split=True)),
-            scopes=frozenset(_strings(claims, names.scopes, "scopes", allow_str=True, split=True)),
+            roles=frozenset(_strings(claims, names.roles, "roles")),
+            groups=frozenset(_strings(claims, names.groups, "groups")),
+            scopes=frozenset(_strings(claims, names.scopes, "scope", split=True)),
             acr=acr,
             amr=amr,
             auth_time=auth_time,
@@ -228,26 +247,48 @@ class Authenticator:
 
 
 class _TokenCache:
-    """Verified tokens -> Identity until they expire; bounded, oldest evicted first. A plain dict:
-    lookups sit on the hot path and must cost well under a microsecond."""
+    """Verified tokens -> Identity until they expire; bounded in entries and in bytes (a token is up
+    to MAX_TOKEN_BYTES, and its claims are kept too), oldest evicted first. A plain dict: lookups
+    sit on the hot path and must cost well under a microsecond."""
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, max_bytes: int = CACHE_MAX_BYTES) -> None:
         self._maxsize = maxsize
-        self._d: dict[str, tuple[Identity, float]] = {}
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._d: dict[str, tuple[Identity, float, int]] = {}
 
     def get(self, token: str, now: float) -> Identity | None:
         hit = self._d.get(token)
         if hit is None:
             return None
         if now >= hit[1]:
-            self._d.pop(token, None)
+            self._drop(token)
             return None
         return hit[0]
 
     def put(self, token: str, ident: Identity, expires: float) -> None:
-        if len(self._d) >= self._maxsize:
-            self._d.pop(next(iter(self._d)), None)
-        self._d[token] = (ident, expires)
+        cost = _cost(token, ident)
+        self._drop(token)
+        while self._d and (len(self._d) >= self._maxsize or self._bytes + cost > self._max_bytes):
+            self._drop(next(iter(self._d)))
+        self._d[token] = (ident, expires, cost)
+        self._bytes += cost
+
+    def _drop(self, token: str) -> None:
+        hit = self._d.pop(token, None)
+        if hit is not None:
+            self._bytes -= hit[2]
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+
+def _cost(token: str, ident: Identity) -> int:
+    """An upper estimate of what one entry holds: the token, the identity and its strings."""
+    strings = sum(len(x) for x in (*ident.roles, *ident.groups, *ident.scopes, *ident.acr, *ident.amr))
+    n = len(ident.roles) + len(ident.groups) + len(ident.scopes) + len(ident.acr) + len(ident.amr)
+    return 2 * len(token) + 2 * (len(ident.subject) + len(ident.issuer) + strings) + 80 * n + 1024
 
 
 def _with_principal(ident: Identity, principal: str) -> Identity:
@@ -256,9 +297,17 @@ def _with_principal(ident: Identity, principal: str) -> Identity:
     return replace(ident, principal=principal)
 
 
+_MAX_TIME = 2**53  # beyond this a JSON number is no time: float arithmetic would fail or round
+
+
 def _is_number(v: object) -> bool:
-    """A JSON number usable as a time: not a bool, not NaN or +-Infinity (json.loads accepts them)."""
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    """A JSON number usable as a time: not a bool, not NaN or +-Infinity (json.loads accepts them),
+    and small enough for float arithmetic (json.loads makes 1e400-sized integers exactly)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return -_MAX_TIME < v < _MAX_TIME
+    return isinstance(v, float) and math.isfinite(v) and -_MAX_TIME < v < _MAX_TIME
 
 
 def _claim(claims: Mapping[str, Any], path: str) -> Any:
@@ -272,25 +321,34 @@ def _claim(claims: Mapping[str, Any], path: str) -> Any:
     return cur
 
 
-def _strings(
-    claims: Mapping[str, Any], path: str, what: str, *, allow_str: bool, split: bool = False
-) -> tuple[str, ...]:
+def _strings(claims: Mapping[str, Any], path: str, what: str, *, split: bool = False) -> tuple[str, ...]:
+    """A claim as values: a string is one value (only `scope` is space-separated, RFC 6749 §3.3),
+    a list of strings its values; anything else is an invalid claim."""
     v = _claim(claims, path)
     if v is None:
         return ()
-    if isinstance(v, str) and allow_str:
-        return tuple(v.split()) if split else (v,)
+    if isinstance(v, str):
+        return tuple(x for x in v.split(" ") if x) if split else (v,)
     if isinstance(v, list) and all(isinstance(x, str) for x in v):
         return tuple(v)
     raise AuthError("invalid_claim", f"'{what}' has the wrong type")
 
 
+def _json(raw: bytes | str) -> Any:
+    """json.loads for untrusted input: any failure (bad JSON, bad UTF-8, nesting deeper than the
+    parser's recursion limit) is a malformed token."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise AuthError("malformed_token", "the token is not well-formed JSON") from None
+
+
 def _b64json(part: str) -> Any:
     try:
         raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-        return json.loads(raw)
     except (binascii.Error, ValueError):
         raise AuthError("malformed_token", "the token is not a well-formed JWT") from None
+    return _json(raw)
 
 
 def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any]]:

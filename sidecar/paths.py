@@ -1,75 +1,92 @@
-"""One canonical normalisation of request paths, shared by request handling and policy loading."""
+"""One canonical form of request paths and methods, shared by request handling and policy loading.
+
+The sidecar decides on the operation the upstream will run and cannot change the path the
+upstream receives. So it never resolves anything: a path that is not already canonical (dot
+segments in any spelling, repeated slashes) is refused, and the only rewriting is the decoding
+that every framework does before routing (percent-escapes of characters that may appear raw in a
+path segment), so that two spellings of one operation always match the same rule.
+"""
 
 from __future__ import annotations
 
-import functools
 import re
 
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_HEX = frozenset("0123456789abcdefABCDEF")
-# Characters a raw :path may carry (RFC 3986 pchar, '/', '?', '#', '%'). Everything else, including
-# controls, spaces, backslashes and any byte >= 0x80, is refused before any decoding.
-_RAW_OK = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%?#]*")  # used with fullmatch (no '$' before '\n')
 MAX_PATH = 8192
-# Escapes that change the path's structure once an upstream decodes them ('/', '\\', ';' path
-# parameters), controls (NUL included), and '%' itself (double encoding).
+MAX_METHOD = 32
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# Characters that may stand raw in a path segment (RFC 3986 pchar: unreserved, sub-delims, ':' and
+# '@') except ';', refused as path parameters (upstreams disagree on them): an escape of one of
+# these is decoded, since frameworks decode it before routing.
+_DECODED = _UNRESERVED | frozenset("!$&'()*+,=:@")
+_HEX = frozenset("0123456789abcdefABCDEF")
+# A raw path part: '/' then pchar characters (and '%' escapes), nothing else.
+_RAW_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,=:@/%]*")  # used with fullmatch (no '$' before '\n')
+# Controls and DEL are refused even in the query and fragment, which are otherwise ignored.
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+# Escapes refused outright: controls, '/', '\\' (they change the path's structure once decoded),
+# '%' (double encoding) and ';' (path parameters).
 _FORBIDDEN_ESCAPES = frozenset([*range(0x00, 0x20), 0x7F, 0x2F, 0x5C, 0x25, 0x3B])
+# RFC 9110 token characters (a method is a token).
+_METHOD = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]{1," + str(MAX_METHOD) + "}")
 
 
 class PathError(ValueError):
-    """A path that cannot be normalised safely; `code` is a stable reason code."""
+    """A path that is not canonical or cannot be decoded safely; `code` is a stable reason code."""
 
     def __init__(self, code: str, detail: str) -> None:
         super().__init__(detail)
         self.code = code
 
 
-@functools.lru_cache(maxsize=8192)
-def normalize_path(raw: str) -> str:
-    """Return the canonical form of a raw `:path`, or raise PathError.
+def valid_method(method: str) -> bool:
+    """An RFC 9110 method token of at most MAX_METHOD characters (case is kept: `get` is not `GET`)."""
+    return _METHOD.fullmatch(method) is not None and method != "*"  # '*' is the policy's wildcard
 
-    Steps: drop query and fragment; refuse anything but printable ASCII path characters and `;`
-    path parameters (upstreams disagree on them); decode percent-escapes of unreserved characters,
-    upper-case the others, refuse escaped slashes, backslashes, controls and '%' (`%2F`, `%5C`,
-    `%00`, `%25`), malformed escapes and escapes that are not valid UTF-8; merge
-    repeated slashes; resolve `.` and `..` segments, refusing to climb above the root.
+
+def normalize_path(raw: str) -> str:
+    """Return the operation path of a raw `:path`, or raise PathError.
+
+    - query and fragment are dropped (only control characters are refused in them);
+    - the path must be `/` followed by RFC 3986 path characters, `;` excepted;
+    - escapes of characters that may stand raw (unreserved, sub-delims, `:`, `@`) are decoded;
+      other escapes are kept with upper-case hex; `%2F`, `%5C`, `%25`, `%3B`, controls, malformed
+      escapes and escapes that are not UTF-8 are refused;
+    - dot segments (`.`, `..`, in any spelling) and empty segments (`//`) are refused, never
+      resolved; one trailing `/` is dropped (`/a/` is the operation `/a`: frameworks such as
+      Express and Spring route both to the same handler).
     """
     if not raw or len(raw) > MAX_PATH:
         raise PathError("invalid_path", "empty or oversized path")
-    if not _RAW_OK.fullmatch(raw):
-        raise PathError("invalid_path", "path has characters outside RFC 3986")
     cut = len(raw)
-    for sep in ("?", "#"):
-        i = raw.find(sep)
-        if i != -1 and i < cut:
-            cut = i
+    q = raw.find("?")
+    if q != -1:
+        cut = q
+    h = raw.find("#", 0, cut)
+    if h != -1:
+        cut = h
     path = raw[:cut]
-    if ";" in path:
-        raise PathError("invalid_path", "path parameters (';') are not accepted")
+    if cut != len(raw) and _CONTROL.search(raw, cut):
+        raise PathError("invalid_path", "the query or fragment has control characters")
+    if not _RAW_PATH.fullmatch(path):
+        if path.startswith("/") and ";" in path:
+            raise PathError("invalid_path", "path parameters (';') are not accepted")
+        raise PathError("invalid_path", "path has characters outside RFC 3986")
     if "%" in path:
-        path = _decode_unreserved(path)
-    segments: list[str] = []
-    parts = path.split("/")
-    last = len(parts) - 1
-    for n, seg in enumerate(parts[1:], start=1):
-        if seg == "" and n != last:
-            continue  # merged slash
-        if seg == ".":
-            if n == last:
-                segments.append("")
-            continue
-        if seg == "..":
-            if not segments or segments == [""]:
-                raise PathError("invalid_path", "dot-segments climb above the root")
-            segments.pop()
-            if n == last:
-                segments.append("")
-            continue
-        segments.append(seg)
-    return "/" + "/".join(segments)
+        path = _decode(path)
+    if "/." in path or "//" in path:
+        for seg in path.split("/")[1:-1]:
+            if seg in ("", ".", ".."):
+                raise PathError("invalid_path", "a dot segment or '//' (refused, not resolved)")
+        last = path.rpartition("/")[2]
+        if last in (".", ".."):
+            raise PathError("invalid_path", "a dot segment (refused, not resolved)")
+    if len(path) > 1 and path[-1] == "/":
+        path = path[:-1]
+    return path
 
 
-def _decode_unreserved(path: str) -> str:
+def _decode(path: str) -> str:
     out: list[str] = []
     raw = bytearray()
     i = 0
@@ -88,10 +105,7 @@ def _decode_unreserved(path: str) -> str:
         if b in _FORBIDDEN_ESCAPES:
             raise PathError("invalid_path", f"escaped character %{h.upper()} is not accepted")
         ch = chr(b)
-        if ch in _UNRESERVED:
-            out.append(ch)
-        else:
-            out.append("%" + h.upper())
+        out.append(ch if ch in _DECODED else "%" + h.upper())
         raw.append(b)
         i += 3
     try:

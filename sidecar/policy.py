@@ -12,10 +12,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from sidecar.paths import PathError, normalize_path
+from sidecar.paths import PathError, normalize_path, valid_method
 
 T = TypeVar("T")
 ANY_METHOD = "*"
+_STANDARD_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+)
+MEMO_PATH_MAX = 512  # longer paths are looked up every time, so the memo stays small in bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +39,14 @@ def parse_pattern(text: str) -> Pattern:
     """Parse `/pkg.Service/Method`, `/pkg.Service/*` or `METHOD /a/*/b/**`."""
     method, _, path = text.rpartition(" ")
     method = method.strip() or ANY_METHOD
+    if method != ANY_METHOD:
+        if not valid_method(method):
+            raise PatternError(f"{method!r} is not an HTTP method")
+        if method != method.upper() and method.upper() in _STANDARD_METHODS:
+            raise PatternError(
+                f"methods are case-sensitive (RFC 9110 §9.1): {method!r} would not match"
+                f" {method.upper()!r}"
+            )
     if not path.startswith("/"):
         raise PatternError("a pattern's path must start with '/'")
     segments = tuple(path.split("/")[1:])
@@ -47,7 +59,7 @@ def parse_pattern(text: str) -> Pattern:
     try:
         canonical = normalize_path(literal)
     except PathError as e:
-        raise PatternError(f"path is not canonical: {e}") from None
+        raise PatternError(f"path is not in canonical form: {e}") from None
     if canonical != literal:
         raise PatternError(f"path is not in canonical form (it would match as {canonical!r})")
     return Pattern(method, segments, text)
@@ -68,9 +80,10 @@ class OperationIndex(Generic[T]):
 
     def __init__(self, cache_size: int = 8192) -> None:
         self._root: _Node[T] = _Node()
-        # Lookups are pure functions of (method, path): memoise the hot ones (bounded).
-        self.most_specific = functools.lru_cache(maxsize=cache_size)(self._most_specific)  # type: ignore[method-assign]
-        self.all_matches = functools.lru_cache(maxsize=cache_size)(self._all_matches)  # type: ignore[method-assign]
+        # Lookups are pure functions of (method, path): memoise the hot ones, bounded in entries
+        # and, since only short keys are memoised, in bytes (methods are at most MAX_METHOD long).
+        self._most_specific_memo = functools.lru_cache(maxsize=cache_size)(self._most_specific)
+        self._all_matches_memo = functools.lru_cache(maxsize=cache_size)(self._all_matches)
 
     def add(self, pattern: Pattern, value: T) -> list[T]:
         """Add a value; returns the values already stored under the very same pattern. Call only
@@ -101,10 +114,14 @@ class OperationIndex(Generic[T]):
         return before
 
     def most_specific(self, method: str, path: str) -> T | None:
-        return self._most_specific(method, path)
+        if len(path) > MEMO_PATH_MAX or len(method) > MEMO_PATH_MAX:
+            return self._most_specific(method, path)
+        return self._most_specific_memo(method, path)
 
     def all_matches(self, method: str, path: str) -> tuple[T, ...]:
-        return self._all_matches(method, path)
+        if len(path) > MEMO_PATH_MAX or len(method) > MEMO_PATH_MAX:
+            return self._all_matches(method, path)
+        return self._all_matches_memo(method, path)
 
     def _most_specific(self, method: str, path: str) -> T | None:
         """The first value of the most specific pattern: exact segments beat `*`, `*` beats `**`,

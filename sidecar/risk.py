@@ -25,7 +25,10 @@ class SourceNotIn:
         self._inside = functools.lru_cache(maxsize=4096)(self._lookup)
 
     def fires(self, attrs: RequestAttributes, now: float) -> bool:
-        return not self._inside(attrs.source_ip)
+        ip = attrs.source_ip
+        if len(ip) > 64:  # longer than any address: not one, and not worth a cache entry
+            return True
+        return not self._inside(ip)
 
     def _lookup(self, address: str) -> bool:
         try:

@@ -325,6 +325,7 @@ CASES = [
             TRANSFER,
             jwt_payload={
                 "iss": "https://idp.example.test",
+                "aud": "bank-api",
                 "sub": "carol",
                 "roles": ["teller"],
                 "scope": "payments",
@@ -336,6 +337,94 @@ CASES = [
         "allow",
         200,
         "allowed",
+    ),
+    Case(
+        "jwt_authn claims for another audience: the issuer's audiences apply as to a bearer token",
+        check_request(
+            TRANSFER,
+            jwt_payload={
+                "iss": "https://idp.example.test",
+                "aud": ["other-api"],
+                "sub": "carol",
+                "roles": ["teller"],
+                "scope": "payments",
+                "acr": "phr",
+                "exp": NOW + 60,
+                "auth_time": NOW - 5,
+            },
+        ),
+        "unauthenticated",
+        401,
+        "wrong_audience",
+    ),
+    Case(
+        "jwt_authn claims without an audience",
+        check_request(
+            TRANSFER,
+            jwt_payload={"iss": "https://idp.example.test", "sub": "carol", "exp": NOW + 60},
+        ),
+        "unauthenticated",
+        401,
+        "wrong_audience",
+    ),
+    Case(
+        "jwt_authn claims without exp",
+        check_request(
+            TRANSFER,
+            jwt_payload={"iss": "https://idp.example.test", "aud": "bank-api", "sub": "carol"},
+        ),
+        "unauthenticated",
+        401,
+        "invalid_claim",
+    ),
+    Case(
+        "jwt_authn claims past exp + skew",
+        check_request(
+            TRANSFER,
+            jwt_payload={"iss": "https://idp.example.test", "aud": "bank-api", "sub": "c", "exp": NOW - 61},
+        ),
+        "unauthenticated",
+        401,
+        "token_expired",
+    ),
+    Case(
+        "jwt_authn claims with nbf in the future",
+        check_request(
+            TRANSFER,
+            jwt_payload={
+                "iss": "https://idp.example.test",
+                "aud": "bank-api",
+                "sub": "c",
+                "exp": NOW + 600,
+                "nbf": NOW + 120,
+            },
+        ),
+        "unauthenticated",
+        401,
+        "token_not_yet_valid",
+    ),
+    Case(
+        "jwt_authn claims with iat in the future",
+        check_request(
+            TRANSFER,
+            jwt_payload={
+                "iss": "https://idp.example.test",
+                "aud": "bank-api",
+                "sub": "c",
+                "exp": NOW + 600,
+                "iat": NOW + 120,
+            },
+        ),
+        "unauthenticated",
+        401,
+        "token_issued_in_future",
+    ),
+    Case(
+        "jwt_authn claims with an iss that is a list",
+        check_request(BALANCE, jwt_payload={"iss": ["https://idp.example.test"], "sub": "x", "exp": NOW + 60}),
+        "unauthenticated",
+        401,
+        "invalid_claim",
     ),
     Case(
         "jwt_authn claims from an unknown issuer",

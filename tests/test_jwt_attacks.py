@@ -187,7 +187,7 @@ JWT_AUTHN_BAD = [
     ("no exp", {"exp": None}, "invalid_claim"),
     ("auth_time in the future", {"auth_time": NOW + 600}, "invalid_claim"),
     ("acr not a string", {"acr": {"level": "phrh"}}, "invalid_claim"),
-    ("amr not a list", {"amr": "pwd"}, "invalid_claim"),
+    ("amr of the wrong type", {"amr": {"pwd": True}}, "invalid_claim"),
     ("sub missing", {"sub": None}, "invalid_claim"),
 ]
 

@@ -374,6 +374,7 @@ class _Builder:
     ) -> IssuerConfig | None:
         where: PathT = ("issuers", i)
         keys: KeyProvider | None = None
+        algorithms = tuple(raw.get("algorithms", ["RS256", "ES256"]))
         if "jwks_file" in raw and "jwks_uri" in raw:
             self.err(where, "set either jwks_file or jwks_uri, not both")
         elif "jwks_file" in raw:
@@ -381,11 +382,16 @@ class _Builder:
             p = p if p.is_absolute() else self.base_dir / p
             self.files.append(str(p))
             try:
-                keys = StaticKeys(parse_jwks(p.read_bytes()))
+                jwks = parse_jwks(p.read_bytes(), algorithms)
             except OSError as e:
                 self.err((*where, "jwks_file"), f"cannot read JWKS file {str(p)!r}: {e.strerror}")
             except ValueError as e:
                 self.err((*where, "jwks_file"), f"bad JWKS in {str(p)!r}: {e}")
+            else:
+                for problem in jwks.refused:
+                    self.err((*where, "jwks_file"), f"bad JWKS in {str(p)!r}: {problem}")
+                if not jwks.refused:
+                    keys = StaticKeys(jwks.keys)
         elif "jwks_uri" in raw:
             url = urlparse(raw["jwks_uri"])
             loopback = url.hostname in ("localhost", "127.0.0.1", "::1")
@@ -395,12 +401,15 @@ class _Builder:
                 )
             else:
                 remote = RemoteKeys(
-                    raw["jwks_uri"], fetch=self.fetch, ttl=parse_duration(raw.get("jwks_refresh", 600))
+                    raw["jwks_uri"],
+                    algorithms=algorithms,
+                    fetch=self.fetch,
+                    ttl=parse_duration(raw.get("jwks_refresh", 600)),
                 )
                 if not remote.refresh():
                     self.warnings.append(
-                        f"issuer {raw['id']!r}: JWKS {raw['jwks_uri']} could not be fetched at load;"
-                        " tokens will be refused until it can be"
+                        f"issuer {raw['id']!r}: JWKS {raw['jwks_uri']} could not be fetched at load"
+                        f" ({remote.last_error}); tokens will be refused until it can be"
                     )
                 keys = remote
         elif "jwt_authn_payload" not in raw:
@@ -431,7 +440,7 @@ class _Builder:
             id=raw["id"],
             issuer=raw["issuer"],
             audiences=frozenset(raw.get("audiences", ())),
-            algorithms=tuple(raw.get("algorithms", ["RS256", "ES256"])),
+            algorithms=algorithms,
             keys=keys,
             jwt_authn_payload=raw.get("jwt_authn_payload"),
             claims=claims,

@@ -1,22 +1,47 @@
-"""Verification keys: a JWKS from a file, or from an https URL cached and refreshed with limits."""
+"""Verification keys: a JWKS from a file, or from an https URL cached and refreshed with limits.
+
+Every signing key must be usable by its issuer: RSA keys of at least 2048 bits for an allowed
+RS*/PS* algorithm, EC keys on the curve of an allowed ES* algorithm (P-256, P-384, P-521),
+Ed25519/Ed448 keys for an allowed EdDSA. A key whose own `alg` member is not among the issuer's
+algorithms (or does not fit the key) is refused the same way, rather than ignored: it could never
+verify a token the issuer accepts, so in a file it is a mistake to point out (a missing entry in
+`algorithms`, or a stale key), and from a URL it is dropped with a warning. Keys whose `use` is not
+`sig`, and keys of a type joserfc does not know (RFC 7517 section 5), are skipped silently.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
+import http.client
+import io
 import json
 import logging
+import re
+import socket
+import ssl
 import threading
 import time
-import urllib.request
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+from urllib.parse import urlsplit
 
 import cachetools
-from joserfc.jwk import KeySet
+from joserfc.jwk import ECKey, JWKRegistry, Key, KeySet, OKPKey, RSAKey
 
 log = logging.getLogger("stepup.jwks")
 
 Fetcher = Callable[[str, float], bytes]
 """fetch(url, timeout_seconds) -> body bytes; raises on any failure."""
+
+MAX_JWKS_BYTES = 1 << 20
+MIN_RSA_BITS = 2048
+
+_RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+_EC_CURVE_ALGS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
+_OKP_SIGNING_CURVES = frozenset({"Ed25519", "Ed448"})
 
 
 class KeyProvider(Protocol):
@@ -30,28 +55,104 @@ class KeyProvider(Protocol):
         """Whether a refresh would be attempted now (not rate-limited, refreshable at all)."""
 
 
-def parse_jwks(data: bytes | str | dict[str, Any]) -> KeySet:
-    """Parse a JWKS document, keeping only public signing keys; raises ValueError on any problem."""
+@dataclass(frozen=True, slots=True)
+class Jwks:
+    """A parsed JWKS: the signing keys the issuer may verify with (possibly none), and one message
+    per signing key refused, e.g. "keys[0] (kid 'x'): RSA key of 1024 bits; at least 2048 are
+    required"."""
+
+    keys: KeySet
+    refused: tuple[str, ...]
+
+
+def parse_jwks(data: bytes | str | dict[str, Any], algorithms: Collection[str]) -> Jwks:
+    """Parse a JWKS document for an issuer allowing `algorithms`. Raises ValueError when the document
+    is not a JWKS, holds a symmetric or private key (the whole set is then suspect), or holds no
+    signing key at all; a signing key the issuer cannot use is listed in `refused` instead."""
     doc = json.loads(data) if isinstance(data, bytes | str) else data
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise ValueError("not a JWKS document: expected an object with a 'keys' list")
-    keys = []
+    allowed = frozenset(algorithms)
+    keys: list[Key] = []
+    refused: list[str] = []
+    signing = 0
     for i, k in enumerate(doc["keys"]):
         if not isinstance(k, dict):
             raise ValueError(f"keys[{i}] is not an object")
-        if k.get("kty") == "oct":
+        kty = k.get("kty")
+        if kty == "oct":
             raise ValueError(f"keys[{i}] is a symmetric key: only public keys may verify tokens")
         if any(p in k for p in ("d", "p", "q")):
             raise ValueError(f"keys[{i}] contains private key material")
-        if k.get("use", "sig") != "sig":
+        if k.get("use", "sig") != "sig" or (isinstance(kty, str) and kty not in JWKRegistry.key_types):
             continue
-        keys.append(k)
-    if not keys:
+        signing += 1
+        problem, key = _import(k, allowed)
+        if key is not None:
+            keys.append(key)
+        else:
+            kid = k.get("kid")
+            place = f"keys[{i}] (kid {kid!r})" if isinstance(kid, str) else f"keys[{i}] (no kid)"
+            refused.append(f"{place}: {problem}")
+    if not signing:
         raise ValueError("the JWKS holds no signing key")
+    return Jwks(KeySet(keys), tuple(refused))
+
+
+def _import(k: dict[str, Any], allowed: frozenset[str]) -> tuple[str, Key | None]:
+    """The key, or why the issuer cannot use it."""
+    # The modulus is measured before joserfc sees the key: it warns on importing a weak one.
+    if k.get("kty") == "RSA":
+        bits = _modulus_bits(k.get("n"))
+        if bits is None:
+            return "invalid key: 'n' is not a base64url string", None
+        if bits < MIN_RSA_BITS:
+            return f"RSA key of {bits} bits; at least {MIN_RSA_BITS} are required", None
     try:
-        return KeySet.import_key_set({"keys": keys})
+        key = JWKRegistry.import_key(k)
     except Exception as e:
-        raise ValueError(f"invalid key: {e}") from None
+        return f"invalid key: {str(e)[:100] or type(e).__name__}", None
+    problem = _unusable(key, k.get("alg"), allowed)
+    return (problem, None) if problem else ("", key)
+
+
+def _modulus_bits(n: object) -> int | None:
+    if not isinstance(n, str):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(n + "=" * (-len(n) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    return int.from_bytes(raw, "big").bit_length()
+
+
+def _unusable(key: Key, alg: object, allowed: frozenset[str]) -> str | None:
+    """Why the issuer could never verify a token with `key` (whose `alg` member is `alg`), or None."""
+    fits: frozenset[str]
+    if isinstance(key, RSAKey):
+        if key.raw_value.key_size < MIN_RSA_BITS:  # `n` was read leniently before import
+            return f"RSA key of {key.raw_value.key_size} bits; at least {MIN_RSA_BITS} are required"
+        what, fits, needs = "an RSA key", _RSA_ALGS, "an RS* or PS* algorithm"
+    elif isinstance(key, ECKey):
+        curve_alg = _EC_CURVE_ALGS.get(key.curve_name)
+        what, needs = f"an EC key on curve {key.curve_name}", str(curve_alg)
+        fits = frozenset((curve_alg,)) if curve_alg else frozenset()
+    elif isinstance(key, OKPKey):
+        what, needs = f"an OKP key on curve {key.curve_name}", "EdDSA"
+        fits = frozenset(("EdDSA",)) if key.curve_name in _OKP_SIGNING_CURVES else frozenset()
+    else:  # pragma: no cover - symmetric keys are refused before
+        return "not a public key"
+    names = ", ".join(sorted(allowed))
+    if not fits:
+        return f"{what} cannot verify any supported signature algorithm"
+    if alg is not None:
+        if alg not in fits:
+            return f"its alg {alg!r} does not fit {what}"
+        if alg not in allowed:
+            return f"its alg {alg!r} is not among the issuer's algorithms ({names})"
+    elif fits.isdisjoint(allowed):
+        return f"{what} needs {needs}, which the issuer does not allow (algorithms: {names})"
+    return None
 
 
 class StaticKeys:
@@ -70,22 +171,151 @@ class StaticKeys:
         return False
 
 
-def urllib_fetch(url: str, timeout: float) -> bytes:
-    req = urllib.request.Request(url, headers={"accept": "application/json"})  # noqa: S310 (scheme checked at load)
-    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
-        body: bytes = resp.read(1 << 20)
-        return body
+# --- fetching ----------------------------------------------------------------------------------
+_NOT_IN_REQUEST = re.compile(r"[^\x21-\x7e]")
+
+
+def urllib_fetch(
+    url: str, timeout: float, *, max_bytes: int = MAX_JWKS_BYTES, ssl_context: ssl.SSLContext | None = None
+) -> bytes:
+    """GET `url` (https, or http where the policy allows it) and return its body: the whole exchange
+    (connect, TLS handshake, request, headers and body) within `timeout` seconds of wall-clock time,
+    and a body of at most `max_bytes`. Raises on any failure: TimeoutError past the deadline,
+    ValueError for a redirect, a status other than 200 or a body over the limit, OSError and
+    http.client errors for the connection. Name resolution uses the system resolver and its own
+    timeouts. Proxy environment variables are not used.
+
+    Redirects are never followed, not even to https on the same host: a JWKS URL is configured, not
+    discovered, and a redirect would extend trust to wherever the server points: an open redirect on
+    the IdP's host, or, where one host serves many tenants by path (Keycloak realms, Entra ID
+    tenants), another tenant's keys. A 3xx answer is a failure naming its Location, so that the
+    operator can configure that URL if it is the right one.
+
+    The deadline is kept by giving every socket call only the time left (a TLS read or handshake
+    call keeps its timeout as a deadline across its internal waits), so a server dripping a byte a
+    second, in the headers or the body, is cut off at the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host_header = parts.netloc.rpartition("@")[2]
+    if _NOT_IN_REQUEST.search(target + host_header):
+        raise ValueError(f"the URL cannot be sent as a request: {url!r}")
+    request = (
+        f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\nAccept: application/json\r\n"
+        "Accept-Encoding: identity\r\nUser-Agent: stepup-sidecar\r\nConnection: close\r\n\r\n"
+    ).encode("ascii")
+    try:
+        sock = _connect(parts.hostname, port, deadline)
+        try:
+            if parts.scheme == "https":
+                sock = (ssl_context or _default_tls()).wrap_socket(
+                    sock, server_hostname=parts.hostname, do_handshake_on_connect=False
+                )
+                sock.settimeout(_time_left(deadline))
+                sock.do_handshake()
+            sock.settimeout(_time_left(deadline))
+            sock.sendall(request)
+            return _read_response(sock, deadline, max_bytes)
+        finally:
+            sock.close()
+    except TimeoutError:
+        raise TimeoutError(f"no complete answer within {timeout:g} s") from None
+
+
+def _read_response(sock: socket.socket, deadline: float, max_bytes: int) -> bytes:
+    resp = http.client.HTTPResponse(cast(socket.socket, _DeadlineSocket(sock, deadline)), method="GET")
+    try:
+        resp.begin()
+        if 300 <= resp.status < 400:
+            location = resp.getheader("location", "")
+            raise ValueError(
+                f"answered {resp.status} redirecting to {location[:200]!r}: redirects are not followed"
+                " (configure the final URL if it is trusted)"
+            )
+        if resp.status != 200:
+            raise ValueError(f"answered {resp.status} {resp.reason[:100]}")
+        if resp.length is not None and resp.length > max_bytes:
+            raise ValueError(f"the answer is {resp.length} bytes, larger than the {max_bytes}-byte limit")
+        body = bytearray()
+        while chunk := resp.read(64 * 1024):
+            body += chunk
+            if len(body) > max_bytes:
+                raise ValueError(f"the answer is larger than the {max_bytes}-byte limit")
+        return bytes(body)
+    finally:
+        resp.close()
+
+
+def _time_left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    return left
+
+
+def _connect(host: str, port: int, deadline: float) -> socket.socket:
+    """A TCP connection to the first address of `host` that accepts one before the deadline."""
+    error: OSError = OSError(f"{host!r} has no address")
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(_time_left(deadline))
+            sock.connect(addr)
+        except OSError as e:
+            sock.close()
+            if isinstance(e, TimeoutError):
+                raise
+            error = e
+            continue
+        return sock
+    raise error
+
+
+@functools.cache
+def _default_tls() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
+class _DeadlineSocket:
+    """What http.client.HTTPResponse needs of a socket (`makefile`), reading under the deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._raw = _DeadlineReader(sock, deadline)
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(self._raw)
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._sock.settimeout(_time_left(self._deadline))
+        return self._sock.recv_into(buffer)
 
 
 class RemoteKeys:
     """A JWKS URL. Fresh keys are cached (cachetools TTL) for `ttl` seconds; past that the last good
     set keeps verifying while a refresh is due. Fetches (periodic or for an unknown `kid`) happen at
-    most once per `min_interval` seconds, so a flood of made-up `kid`s cannot hammer the IdP."""
+    most once per `min_interval` seconds, so a flood of made-up `kid`s cannot hammer the IdP.
+
+    A fetched set's keys that the issuer cannot use (see the module docstring) are dropped with a
+    warning; a set with no usable key left is a failed fetch, and the last good keys keep serving."""
 
     def __init__(
         self,
         url: str,
         *,
+        algorithms: Collection[str],
         fetch: Fetcher = urllib_fetch,
         ttl: float = 600.0,
         min_interval: float = 30.0,
@@ -93,6 +323,7 @@ class RemoteKeys:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
+        self._algorithms = frozenset(algorithms)
         self._fetch = fetch
         self._timeout = timeout
         self._min_interval = min_interval
@@ -102,6 +333,7 @@ class RemoteKeys:
         self._last_attempt = float("-inf")
         self._lock = threading.Lock()
         self.fetch_failures = 0
+        self.last_error = ""
 
     def keyset(self) -> KeySet | None:
         fresh = self._fresh.get("keys")
@@ -119,15 +351,21 @@ class RemoteKeys:
                 return False
             self._last_attempt = self._clock()
             try:
-                keys = parse_jwks(self._fetch(self.url, self._timeout))
+                jwks = parse_jwks(self._fetch(self.url, self._timeout), self._algorithms)
+                for problem in jwks.refused:
+                    log.warning("jwks key dropped: %s", problem, extra={"jwks_url": self.url})
+                if not jwks.keys:
+                    raise ValueError(f"none of its {len(jwks.refused)} signing key(s) is usable")
             except Exception as e:
                 self.fetch_failures += 1
+                self.last_error = str(e)[:200]
                 log.warning(
                     "jwks fetch failed; keeping %s",
                     "the cached keys" if self._last_good else "no keys",
-                    extra={"jwks_url": self.url, "error": str(e)[:200]},
+                    extra={"jwks_url": self.url, "error": self.last_error},
                 )
                 return False
-            self._fresh["keys"] = keys
-            self._last_good = keys
+            self.last_error = ""
+            self._fresh["keys"] = jwks.keys
+            self._last_good = jwks.keys
             return True

@@ -214,6 +214,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     for w in policy.warnings:
         log.warning("policy: %s", w)
+    from sidecar.isolated import settle
+
+    settle(policy)  # the policy's objects stay out of every garbage collection from now on
     try:
         import uvloop
 

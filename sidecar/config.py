@@ -86,18 +86,25 @@ class _Doc:
     The common case (a valid file) parses once with libyaml; marks are computed only when there
     is a problem to report, so large policies load fast."""
 
-    def __init__(self, file: str, text: str) -> None:
+    def __init__(self, file: str, text: str | None, data: Any = None) -> None:
+        """`text` is the YAML to parse; with `text=None`, `data` is an already parsed document
+        (problems are then located by path only, at 1:1)."""
         self.file = file
         self.text = text
         self._marks: dict[PathT, tuple[int, int]] | None = None
+        if text is None:
+            self.data: Any = data
+            return
         try:
-            self.data: Any = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+            self.data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
         except _DupKey:
             self.marks()  # raises _DupKey with the key's full path
 
     def marks(self) -> dict[PathT, tuple[int, int]]:
         if self._marks is None:
             self._marks = {}
+            if self.text is None:
+                return self._marks
             node = yaml.compose(self.text, Loader=_Loader)
             if node is not None:
                 self._walk(node, ())
@@ -186,6 +193,12 @@ def load_policy_text(
     allow_insecure_jwks_http: bool = False,
 ) -> Policy:
     base_dir = base_dir or Path.cwd()
+    doc = _parsed(text, file)
+    return _build(doc, base_dir, content_digest(text), fetch, allow_insecure_jwks_http)
+
+
+def _parsed(text: str, file: str) -> _Doc:
+    """The YAML parsed and checked against the schema (every problem, located)."""
     try:
         doc = _Doc(file, text)
     except _DupKey as e:
@@ -205,8 +218,47 @@ def load_policy_text(
     if problems:
         raise PolicyError(problems)
     assert isinstance(data, dict)
-    builder = _Builder(doc, data, base_dir, fetch, allow_insecure_jwks_http)
-    policy = builder.build(text)
+    return doc
+
+
+def validated_data(
+    text: str,
+    *,
+    file: str,
+    base_dir: Path,
+    fetch: Fetcher = urllib_fetch,
+    allow_insecure_jwks_http: bool = False,
+) -> dict[str, Any]:
+    """Everything `load_policy_text` checks; returns the parsed document instead of the policy."""
+    doc = _parsed(text, file)
+    _build(doc, base_dir, content_digest(text), fetch, allow_insecure_jwks_http)
+    data: dict[str, Any] = doc.data
+    return data
+
+
+def load_policy_data(
+    data: dict[str, Any],
+    *,
+    file: str,
+    base_dir: Path,
+    digest: str,
+    fetch: Fetcher = urllib_fetch,
+    allow_insecure_jwks_http: bool = False,
+) -> Policy:
+    """Compile a document that already passed `load_policy` (schema and all) elsewhere: the
+    isolated reload parses and validates in a child process and hands over the data. The schema
+    is not checked again; the compile's own checks are (their problems are located by path)."""
+    return _build(_Doc(file, None, data), base_dir, digest, fetch, allow_insecure_jwks_http)
+
+
+def content_digest(text: str) -> str:
+    """The content hash in a policy's version (`name@digest`)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _build(doc: _Doc, base_dir: Path, digest: str, fetch: Fetcher, allow_insecure_http: bool) -> Policy:
+    builder = _Builder(doc, doc.data, base_dir, fetch, allow_insecure_http)
+    policy = builder.build(digest)
     if builder.problems:
         raise PolicyError(builder.problems)
     assert policy is not None
@@ -245,7 +297,7 @@ class _Builder:
     def err(self, path: PathT, message: str) -> None:
         self.problems.append(self.doc.problem(path, message))
 
-    def build(self, text: str) -> Policy | None:
+    def build(self, digest: str) -> Policy | None:
         d = self.data
         assurance = d["assurance"]
         levels: tuple[str, ...] = tuple(assurance["levels"])
@@ -336,7 +388,6 @@ class _Builder:
         if self.problems:
             return None
 
-        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
         name = d.get("name", "policy")
         authenticator = Authenticator(
             tuple(issuers),

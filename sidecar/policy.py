@@ -82,8 +82,15 @@ class OperationIndex(Generic[T]):
         self._root: _Node[T] = _Node()
         # Lookups are pure functions of (method, path): memoise the hot ones, bounded in entries
         # and, since only short keys are memoised, in bytes (methods are at most MAX_METHOD long).
-        self._most_specific_memo = functools.lru_cache(maxsize=cache_size)(self._most_specific)
-        self._all_matches_memo = functools.lru_cache(maxsize=cache_size)(self._all_matches)
+        # The memos wrap functions of the root node, not bound methods: no reference cycle, so a
+        # replaced policy is freed by reference counting (the policy's objects are frozen out of
+        # the cyclic GC after a load, see runtime reloads).
+        self._most_specific_memo = functools.lru_cache(maxsize=cache_size)(
+            functools.partial(_most_specific, self._root)
+        )
+        self._all_matches_memo = functools.lru_cache(maxsize=cache_size)(
+            functools.partial(_all_matches, self._root)
+        )
 
     def add(self, pattern: Pattern, value: T) -> list[T]:
         """Add a value; returns the values already stored under the very same pattern. Call only
@@ -113,55 +120,75 @@ class OperationIndex(Generic[T]):
         bucket.append(value)
         return before
 
+    def dismantle(self) -> None:
+        """Empty the trie node by node (for a replaced policy nobody uses any more): freeing a
+        large trie in one reference-counting cascade holds the GIL for tens of milliseconds,
+        this lets it go between nodes."""
+        self._most_specific_memo.cache_clear()
+        self._all_matches_memo.cache_clear()
+        stack = [self._root]
+        self._root = _Node()
+        while stack:
+            node = stack.pop()
+            while node.children:
+                stack.append(node.children.popitem()[1])
+            if node.star is not None:
+                stack.append(node.star)
+                node.star = None
+            node.terminal = node.dstar = None
+
     def most_specific(self, method: str, path: str) -> T | None:
+        """The first value of the most specific pattern: exact segments beat `*`, `*` beats `**`,
+        earlier segments weigh more, and an explicit method beats `*`."""
         if len(path) > MEMO_PATH_MAX or len(method) > MEMO_PATH_MAX:
-            return self._most_specific(method, path)
+            return _most_specific(self._root, method, path)
         return self._most_specific_memo(method, path)
 
     def all_matches(self, method: str, path: str) -> tuple[T, ...]:
         if len(path) > MEMO_PATH_MAX or len(method) > MEMO_PATH_MAX:
-            return self._all_matches(method, path)
+            return _all_matches(self._root, method, path)
         return self._all_matches_memo(method, path)
 
-    def _most_specific(self, method: str, path: str) -> T | None:
-        """The first value of the most specific pattern: exact segments beat `*`, `*` beats `**`,
-        earlier segments weigh more, and an explicit method beats `*`."""
-        for bucket in self._walk(method, path.split("/")[1:]):
-            return bucket[0]
-        return None
 
-    def _all_matches(self, method: str, path: str) -> tuple[T, ...]:
-        out: list[T] = []
-        for bucket in self._walk(method, path.split("/")[1:]):
-            out.extend(bucket)
-        return tuple(out)
+def _most_specific(root: _Node[T], method: str, path: str) -> T | None:
+    for bucket in _walk(root, method, path.split("/")[1:]):
+        return bucket[0]
+    return None
 
-    def _walk(self, method: str, segs: list[str]) -> Iterator[list[T]]:
-        # Iterative depth-first walk in specificity order.
-        stack: list[tuple[_Node[T], int, int]] = [(self._root, 0, 0)]
-        n = len(segs)
-        while stack:
-            node, i, stage = stack.pop()
-            if i == n:
-                if stage == 0:
-                    stack.append((node, i, 1))
-                    if node.terminal:
-                        yield from _by_method(node.terminal, method)
-                    continue
-                if node.dstar:
-                    yield from _by_method(node.dstar, method)
-                continue
+
+def _all_matches(root: _Node[T], method: str, path: str) -> tuple[T, ...]:
+    out: list[T] = []
+    for bucket in _walk(root, method, path.split("/")[1:]):
+        out.extend(bucket)
+    return tuple(out)
+
+
+def _walk(root: _Node[T], method: str, segs: list[str]) -> Iterator[list[T]]:
+    """Iterative depth-first walk in specificity order."""
+    stack: list[tuple[_Node[T], int, int]] = [(root, 0, 0)]
+    n = len(segs)
+    while stack:
+        node, i, stage = stack.pop()
+        if i == n:
             if stage == 0:
                 stack.append((node, i, 1))
-                child = node.children.get(segs[i])
-                if child is not None:
-                    stack.append((child, i + 1, 0))
-            elif stage == 1:
-                stack.append((node, i, 2))
-                if node.star is not None and segs[i] != "":
-                    stack.append((node.star, i + 1, 0))
-            elif node.dstar:
+                if node.terminal:
+                    yield from _by_method(node.terminal, method)
+                continue
+            if node.dstar:
                 yield from _by_method(node.dstar, method)
+            continue
+        if stage == 0:
+            stack.append((node, i, 1))
+            child = node.children.get(segs[i])
+            if child is not None:
+                stack.append((child, i + 1, 0))
+        elif stage == 1:
+            stack.append((node, i, 2))
+            if node.star is not None and segs[i] != "":
+                stack.append((node.star, i + 1, 0))
+        elif node.dstar:
+            yield from _by_method(node.dstar, method)
 
 
 def _by_method(buckets: dict[str, list[T]], method: str) -> Iterator[list[T]]:
@@ -260,6 +287,10 @@ class Tables:
     ) -> None:
         self._sensitivity = sensitivity
         self._permissions = permissions
+
+    def dismantle(self) -> None:
+        self._sensitivity.dismantle()
+        self._permissions.dismantle()
 
     def sensitivity(self, method: str, path: str) -> SensitivityRule | None:
         return self._sensitivity.most_specific(method, path)

@@ -21,8 +21,9 @@ class SourceNotIn:
 
     def __init__(self, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> None:
         self.networks = networks
-        # Few distinct peer addresses reach a sidecar: remember the verdict per address (bounded).
-        self._inside = functools.lru_cache(maxsize=4096)(self._lookup)
+        # Few distinct peer addresses reach a sidecar: remember the verdict per address (bounded;
+        # a function of the networks, not a bound method: no reference cycle).
+        self._inside = functools.lru_cache(maxsize=4096)(functools.partial(_inside, networks))
 
     def fires(self, attrs: RequestAttributes, now: float) -> bool:
         ip = attrs.source_ip
@@ -30,14 +31,16 @@ class SourceNotIn:
             return True
         return not self._inside(ip)
 
-    def _lookup(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False  # an unknown source is an untrusted one
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.networks)
+
+
+def _inside(networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False  # an unknown source is an untrusted one
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,10 @@ from grpc_reflection.v1alpha import reflection
 
 from sidecar import response
 from sidecar.attributes import RequestAttributes, from_check_request
-from sidecar.config import PolicyError, load_policy
+from sidecar.config import PolicyError
 from sidecar.decision import Decision, Outcome
 from sidecar.engine import Engine, Policy
+from sidecar.isolated import load_isolated, retire, settle
 from sidecar.jwks import RemoteKeys
 from sidecar.telemetry import Telemetry
 
@@ -39,6 +41,17 @@ EXPLAIN_SERVICE = explain_pb2.DESCRIPTOR.services_by_name["Explain"].full_name
 REFRESH_WAIT = 0.15  # seconds a Check may wait for a JWKS fetch triggered by an unknown kid
 
 _INTERNAL = Decision(Outcome.DENY, "internal_error", 403, "the request could not be evaluated")
+_MALFORMED = Decision(
+    Outcome.DENY, "malformed_request", 400, "the CheckRequest could not be parsed", error="invalid_request"
+)
+
+
+def log_internal_error(what: str, e: BaseException, **extra: Any) -> None:
+    """Log an unexpected exception WITHOUT its message or locals: a message can quote request
+    content (a claim, a header). The type and the innermost frames say where it happened."""
+    frames = traceback.extract_tb(e.__traceback__)[-3:]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+    log.error("%s", what, extra={"error": type(e).__name__, "where": where, **extra})
 
 
 def new_decision_id() -> str:
@@ -78,7 +91,7 @@ class Decider:
                 decision = engine.decide(attrs, self.clock())
             return _Evaluation(decision, attrs, engine.policy, None)
         except Exception as e:
-            log.exception("internal error while deciding; denying")
+            log_internal_error("internal error while deciding; denying", e)
             self.telemetry.metrics.internal_errors.inc()
             return _Evaluation(_INTERNAL, attrs, engine.policy, e)
 
@@ -105,7 +118,7 @@ class Decider:
         if stale:
             await self._refresh_keys(policy, wait=60.0)
 
-    def record(self, ev: _Evaluation, decision_id: str, start_ns: int) -> None:
+    def record(self, ev: _Evaluation, decision_id: str, start_ns: int, *, explain: bool = False) -> None:
         try:
             parent = self.telemetry.parent(ev.attrs.headers) if ev.attrs is not None else None
             self.telemetry.record(
@@ -117,14 +130,39 @@ class Decider:
                 start_ns=start_ns,
                 parent=parent,
                 error=ev.error,
+                explain=explain,
             )
-        except Exception:
-            log.exception("telemetry failed for decision %s", decision_id)
+        except Exception as e:
+            log_internal_error("telemetry failed", e, decision_id=decision_id)
+
+
+def _parse(data: bytes) -> Any | None:
+    try:
+        return external_auth_pb2.CheckRequest.FromString(data)
+    except Exception:  # DecodeError, or a message nested deeper than protobuf's recursion limit
+        return None
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """Authorization/Check. Registered on raw bytes (`check_bytes`): a request that does not even
+    parse is answered with a denial like any other, never failed (Envoy would apply
+    `status_on_error`) and never an exception inside gRPC."""
+
     def __init__(self, decider: Decider) -> None:
         self.decider = decider
+
+    async def check_bytes(self, data: bytes, context: Any) -> bytes:
+        request = _parse(data)
+        if request is None:
+            start_ns = time.time_ns()
+            decision_id = new_decision_id()
+            ev = _Evaluation(_MALFORMED, None, self.decider.policy, None)
+            resp = response.deny(_MALFORMED, decision_id, ev.policy.realm, False)
+            self.decider.record(ev, decision_id, start_ns)
+        else:
+            resp = await self.Check(request, context)
+        out: bytes = resp.SerializeToString()
+        return out
 
     async def Check(self, request: Any, context: Any) -> Any:
         start_ns = time.time_ns()
@@ -138,7 +176,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             else:
                 resp = response.deny(d, decision_id, p.realm, ev.attrs.is_grpc if ev.attrs else False)
         except Exception as e:
-            log.exception("could not build the response; denying")
+            log_internal_error("could not build the response; denying", e)
+            self.decider.telemetry.metrics.internal_errors.inc()
             ev = _Evaluation(_INTERNAL, ev.attrs, ev.policy, e)
             resp = response.deny(_INTERNAL, decision_id, "stepup", False)
         self.decider.record(ev, decision_id, start_ns)
@@ -150,8 +189,12 @@ class ExplainServicer(explain_pb2_grpc.ExplainServicer):  # type: ignore[misc]
         self.decider = decider
 
     async def Explain(self, request: Any, context: Any) -> Any:
+        """Like Check, and logged like Check (marked `explain`): never an unaudited oracle."""
+        start_ns = time.time_ns()
+        decision_id = new_decision_id()
         ev = await self.decider.evaluate(request)
-        return explain_response(ev.decision, ev.policy, new_decision_id(), self.decider.clock())
+        self.decider.record(ev, decision_id, start_ns, explain=True)
+        return explain_response(ev.decision, ev.policy, decision_id, self.decider.clock())
 
 
 def explain_response(d: Decision, p: Policy, decision_id: str, now: float) -> Any:
@@ -196,13 +239,18 @@ def explain_response(d: Decision, p: Policy, decision_id: str, now: float) -> An
 
 
 class PolicyWatcher:
-    """Reloads the policy when its file (or a ConfigMap's `..data` symlink swap) changes.
+    """Reloads the policy when its file (or a ConfigMap's `..data` symlink swap) changes, and on
+    SIGHUP.
 
     A new policy is validated completely before it replaces the old one; a broken one is reported
-    and the last good policy keeps serving."""
+    and the last good policy keeps serving. Reloads never overlap and never finish out of order:
+    each runs after the previous one, reads the file as it is when it starts, and requests that
+    arrive while one runs are served by the next, so the newest file always wins and stays. The
+    default loader parses and validates in a child process (`sidecar.isolated`), so a large
+    policy does not stall the Checks being answered meanwhile."""
 
     def __init__(
-        self, path: Path, decider: Decider, interval: float, loader: Callable[[Path], Policy] = load_policy
+        self, path: Path, decider: Decider, interval: float, loader: Callable[[Path], Policy] = load_isolated
     ):
         self.path = path
         self.decider = decider
@@ -210,6 +258,10 @@ class PolicyWatcher:
         self.loader = loader
         self.last_error: str = ""
         self._stamp = self._fingerprint()
+        self._lock = asyncio.Lock()
+        self._requested = 0  # reload requests so far
+        self._covered = 0  # requests a finished or running load has started after
+        self._last_result = False
 
     def _fingerprint(self) -> tuple[Any, ...]:
         """Identity of the policy file and the JWKS files it names (a ConfigMap swaps all at once)."""
@@ -230,29 +282,46 @@ class PolicyWatcher:
             await self.decider.refresh_stale_keys()
 
     async def check(self) -> bool:
-        stamp = self._fingerprint()
-        if stamp == self._stamp:
+        if self._fingerprint() == self._stamp:
             return False
-        self._stamp = stamp
         return await self.reload()
 
     async def reload(self) -> bool:
+        self._requested += 1
+        ticket = self._requested
+        async with self._lock:
+            if self._covered >= ticket:
+                return self._last_result  # a load that started after this request has run
+            self._covered = self._requested
+            self._last_result = await self._load()
+            return self._last_result
+
+    async def _load(self) -> bool:
         metrics = self.decider.telemetry.metrics
         loop = asyncio.get_running_loop()
+        # Taken before reading: a change made while loading shows as a difference next time.
+        stamp = self._fingerprint()
         try:
             policy = await loop.run_in_executor(None, self.loader, self.path)
         except PolicyError as e:
+            self._stamp = stamp
             self.last_error = str(e)
             metrics.reloads.labels("rejected").inc()
             log.error("policy reload rejected; keeping %s:\n%s", self.decider.policy.version, e)
             return False
         except Exception as e:
-            self.last_error = repr(e)
+            self._stamp = stamp
+            self.last_error = type(e).__name__
             metrics.reloads.labels("rejected").inc()
-            log.exception("policy reload failed; keeping %s", self.decider.policy.version)
+            log_internal_error(f"policy reload failed; keeping {self.decider.policy.version}", e)
             return False
-        old = self.decider.policy.version
+        replaced = self.decider.policy
+        old = replaced.version
         self.decider.swap(policy)
+        self._stamp = stamp
+        settle(policy)
+        loop.run_in_executor(None, retire, [replaced])
+        del replaced
         self.last_error = ""
         metrics.reloads.labels("applied").inc()
         log.info("policy reloaded: %s -> %s", old, policy.version)
@@ -266,7 +335,9 @@ def build_server(
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     # so_reuseport off: a second sidecar on the same port must fail, not share the traffic.
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 1 << 20), ("grpc.so_reuseport", 0)])
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(decider), server)
+    servicer = AuthorizationServicer(decider)
+    check = grpc.unary_unary_rpc_method_handler(servicer.check_bytes)  # bytes in, bytes out
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(AUTH_SERVICE, {"Check": check}),))
     names = [AUTH_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
     if explain:
         explain_pb2_grpc.add_ExplainServicer_to_server(ExplainServicer(decider), server)

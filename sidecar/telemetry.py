@@ -32,10 +32,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from sidecar import __version__
 from sidecar.attributes import RequestAttributes
 from sidecar.decision import Decision
+from sidecar.paths import valid_method
 
 log = logging.getLogger("stepup")
 
 SPAN_NAME = "ext_authz.check"
+EXPLAIN_SPAN_NAME = "stepup.explain"
 # Span attribute names (also the decision log's keys, without the "authz." prefix).
 A_OUTCOME = "authz.outcome"
 A_REASON = "authz.reason"
@@ -249,6 +251,9 @@ class Metrics:
         self.spans_dropped = Counter(
             "stepup_spans_dropped", "Spans dropped because the export queue was full", registry=self.registry
         )
+        self.explains = Counter(
+            "stepup_explains", "Explain calls (decided like a Check, not enforced)", registry=self.registry
+        )
         self.span_export_failures = Counter(
             "stepup_span_export_failures", "Span batches the exporter failed to send", registry=self.registry
         )
@@ -287,17 +292,26 @@ class Telemetry:
         start_ns: int,
         parent: Context | None,
         error: BaseException | None = None,
+        explain: bool = False,
     ) -> None:
         fields = decision_fields(decision, decision_id, policy_version, level_names)
+        # The method is request content: only a valid method token goes to the span and the log.
+        method = attrs.method if attrs is not None and valid_method(attrs.method) else ""
         ctx: trace.SpanContext | None = None
         end_ns = time.time_ns()
         if self._tracing:
             span_attrs: dict[str, Any] = {f"authz.{k}": v for k, v in fields.items() if v != "" and v != []}
             if attrs is not None:
-                span_attrs["http.request.method"] = attrs.method[:16]
+                span_attrs["http.request.method"] = method
                 span_attrs["rpc.system"] = "grpc" if attrs.is_grpc else "http"
+            if explain:
+                span_attrs["authz.explain"] = True
             span = self.tracer.start_span(
-                SPAN_NAME, context=parent, kind=SpanKind.SERVER, start_time=start_ns, attributes=span_attrs
+                EXPLAIN_SPAN_NAME if explain else SPAN_NAME,
+                context=parent,
+                kind=SpanKind.SERVER,
+                start_time=start_ns,
+                attributes=span_attrs,
             )
             if error is not None:
                 span.record_exception(error)
@@ -308,12 +322,15 @@ class Telemetry:
             # No exporter: still log the caller's trace id, so logs join the trace.
             ctx = trace.get_current_span(parent).get_span_context()
         duration = (end_ns - start_ns) / 1e9
-        key = (decision.outcome.value, decision.reason)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters[key] = self.metrics.decisions.labels(*key)
-        counter.inc()
-        self.metrics.latency.observe(duration)
+        if explain:
+            self.metrics.explains.inc()
+        else:
+            key = (decision.outcome.value, decision.reason)
+            counter = self._counters.get(key)
+            if counter is None:
+                counter = self._counters[key] = self.metrics.decisions.labels(*key)
+            counter.inc()
+            self.metrics.latency.observe(duration)
         if self.decision_log is not None:
             line: dict[str, Any] = {
                 "ts": round(end_ns / 1e9, 6),
@@ -321,10 +338,12 @@ class Telemetry:
                 "trace_id": format(ctx.trace_id, "032x") if ctx is not None and ctx.is_valid else "",
                 "span_id": format(ctx.span_id, "016x") if ctx is not None and ctx.is_valid else "",
                 **fields,
-                "method": attrs.method[:16] if attrs else "",
+                "method": method,
                 "grpc": attrs.is_grpc if attrs else False,
                 "duration_us": round(duration * 1e6, 1),
             }
+            if explain:
+                line["explain"] = True  # decided like a Check, answered to Explain, not enforced
             if error is not None:
                 line["error"] = type(error).__name__
             self.decision_log.write(json.dumps(line, separators=(",", ":")) + "\n")

@@ -1,0 +1,197 @@
+"""Load a policy for a reload without stalling the Checks being served meanwhile.
+
+Parsing YAML with libyaml holds the GIL for seconds on a large policy (a 40,000-rule file stalls
+every Check for over a second), and a full garbage collection over a large heap pauses the
+process for hundreds of milliseconds. So a reload:
+
+1. parses, validates and compiles the file in a child process (`python -m sidecar.isolated
+   FILE`), which reports every problem with its file, line and column, or writes the validated
+   document as JSON, one line per rule;
+2. reads those lines back in the serving process, each a small `json.loads`, and compiles them
+   (`config.load_policy_data`): Python code that lets the GIL go every switch interval;
+3. keeps the cyclic garbage collector off meanwhile and, once the new policy serves, freezes the
+   heap out of it (`gc.freeze`), so no collection ever walks the policy's millions of objects.
+   Compiled policies hold no reference cycles, so a replaced one is freed by reference counting.
+
+The start-up load stays in-process (nothing is served yet).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from sidecar.config import PolicyError, Problem, content_digest, load_policy_data, validated_data
+from sidecar.engine import Policy
+from sidecar.jwks import Fetcher, urllib_fetch
+
+CHILD_TIMEOUT = 300.0  # seconds; a policy that takes longer to validate is refused
+_GC_LOCK = threading.Lock()
+
+
+def load_isolated(
+    path: str | Path,
+    *,
+    fetch: Fetcher = urllib_fetch,
+    allow_insecure_jwks_http: bool = False,
+    python: str = sys.executable,
+) -> Policy:
+    """Like `config.load_policy`, for a process that is serving: see the module docstring.
+    Call it from a worker thread (it blocks). Raises PolicyError listing every problem."""
+    path = Path(path)
+    argv = [python, "-m", "sidecar.isolated", str(path)]
+    if allow_insecure_jwks_http:
+        argv.append("--allow-insecure-jwks-http")
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as e:
+        raise PolicyError([Problem(str(path), 1, 1, "", f"cannot start the policy validator: {e}")]) from None
+    assert proc.stdout is not None and proc.stderr is not None
+    stderr: list[bytes] = []
+    drain = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    drain.start()
+    timer = threading.Timer(CHILD_TIMEOUT, proc.kill)
+    timer.start()
+    try:
+        with _gc_paused():
+            head, lines = _read(proc.stdout)
+            if head.get("ok") is not True:
+                problems = [Problem(**p) for p in head.get("problems", [])]
+                raise PolicyError(problems or [_failed(path, proc, stderr, drain)])
+            data = _assemble(head["document"], lines)
+            if proc.wait() != 0:
+                raise PolicyError([_failed(path, proc, stderr, drain)])
+            policy = load_policy_data(
+                data,
+                file=str(path),
+                base_dir=path.parent,
+                digest=head["digest"],
+                fetch=fetch,
+                allow_insecure_jwks_http=allow_insecure_jwks_http,
+            )
+            del data, lines
+            return policy
+    except (ValueError, KeyError, TypeError) as e:  # the child's output is not what it should be
+        raise PolicyError([Problem(str(path), 1, 1, "", f"the policy validator failed: {e}")]) from None
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        drain.join(5)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def settle(policy: Policy) -> None:
+    """After a policy starts serving: move everything alive now out of the cyclic GC's reach
+    (see the module docstring). Also right after the start-up load."""
+    with _GC_LOCK:
+        gc.freeze()
+
+
+def retire(box: list[Policy], grace: float = 2.0) -> bool:
+    """Free a replaced policy, handed over as the only item of `box`, without a long pause (call
+    from a worker thread; it sleeps). After `grace` seconds no Check decides under it any more
+    (they take milliseconds); if something still holds it, reference counting frees it later as
+    usual. Returns whether it was dismantled."""
+    time.sleep(grace)
+    policy = box.pop()
+    if sys.getrefcount(policy) > 2:  # this frame's name and getrefcount's own argument
+        return False
+    policy.tables.dismantle()
+    return True
+
+
+class _gc_paused:  # a context manager
+    """Cyclic GC off while a policy is read and compiled; back to its previous state after. The
+    heap is frozen before the collector can run again, so turning it on costs no full pass."""
+
+    def __enter__(self) -> None:
+        with _GC_LOCK:
+            self._was = gc.isenabled()
+            gc.disable()
+
+    def __exit__(self, *exc: object) -> None:
+        with _GC_LOCK:
+            gc.freeze()
+            if self._was:
+                gc.enable()
+
+
+def _read(stream: IO[bytes]) -> tuple[dict[str, Any], Iterator[bytes]]:
+    first = stream.readline()
+    if not first:
+        return {}, iter(())
+    head = json.loads(first)
+    if not isinstance(head, dict):
+        raise ValueError("no header line")
+    return head, iter(stream.readline, b"")
+
+
+def _assemble(document: dict[str, Any], lines: Iterator[bytes]) -> dict[str, Any]:
+    """The document with its rule lists filled from the lines (`["s"|"p", rule]` each)."""
+    sens: list[Any] = []
+    perms: list[Any] = []
+    for line in lines:
+        kind, rule = json.loads(line)
+        (sens if kind == "s" else perms).append(rule)
+    document["sensitivity"]["rules"] = sens
+    document["permissions"] = perms
+    return document
+
+
+def _failed(
+    path: Path, proc: subprocess.Popen[bytes], stderr: list[bytes], drain: threading.Thread
+) -> Problem:
+    proc.wait()
+    drain.join(5)
+    tail = " | ".join(b"".join(stderr).decode(errors="replace").strip().splitlines()[-3:])
+    return Problem(str(path), 1, 1, "", f"the policy validator exited with {proc.returncode}: {tail}")
+
+
+def _no_fetch(url: str, timeout: float) -> bytes:
+    raise OSError("not fetched while validating")
+
+
+def _child(argv: list[str], out: IO[bytes]) -> int:
+    path = Path(argv[0])
+    insecure = "--allow-insecure-jwks-http" in argv[1:]
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = validated_data(
+            text, file=str(path), base_dir=path.parent, fetch=_no_fetch, allow_insecure_jwks_http=insecure
+        )
+    except PolicyError as e:
+        problems = [
+            {"file": p.file, "line": p.line, "column": p.column, "where": p.where, "message": p.message}
+            for p in e.problems
+        ]
+        out.write(json.dumps({"ok": False, "problems": problems}).encode() + b"\n")
+        return 0
+    except (OSError, UnicodeDecodeError) as e:
+        problem = {"file": str(path), "line": 1, "column": 1, "where": "", "message": f"cannot read: {e}"}
+        out.write(json.dumps({"ok": False, "problems": [problem]}).encode() + b"\n")
+        return 0
+    sens = data["sensitivity"].pop("rules")
+    perms = data.pop("permissions")
+    digest = content_digest(text)
+    write: Callable[[bytes], Any] = out.write
+    write(json.dumps({"ok": True, "digest": digest, "document": data}).encode() + b"\n")
+    for rule in sens:
+        write(json.dumps(["s", rule], separators=(",", ":")).encode() + b"\n")
+    for rule in perms:
+        write(json.dumps(["p", rule], separators=(",", ":")).encode() + b"\n")
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:], sys.stdout.buffer))

@@ -1,0 +1,212 @@
+"""Reloads are ordered and do not stall Checks (hardening issue, class 6).
+
+- Two reloads (SIGHUP, a file change) never finish out of order: the newest file always wins
+  and stays.
+- The default loader validates in a child process (sidecar.isolated) and reports problems with
+  their place, like the in-process loader; a broken file keeps the last good policy.
+- A compiled policy holds no reference cycle (the heap is frozen out of the cyclic GC after a
+  load, so a cycle would leak every replaced policy), and a replaced policy is dismantled only
+  once nothing uses it.
+The latency figures are in bench/reload_latency.py (no timing asserts here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+
+from examples.stack import free_port, wait_serving
+from sidecar.config import PolicyError, load_policy
+from sidecar.engine import Engine, Policy
+from sidecar.isolated import load_isolated, retire
+from sidecar.server import Decider, PolicyWatcher
+from sidecar.telemetry import Metrics, Telemetry
+from tests.helpers import check_request, example_policy_text
+
+TRANSFER = ("POST", "/bank.v1.Payments/Transfer")
+LEVEL_LINE = 'match: ["/bank.v1.Payments/Transfer", "POST /v1/transfers"], level: high'
+
+
+def text_with_transfer(level: str) -> str:
+    return example_policy_text((LEVEL_LINE, LEVEL_LINE.replace("level: high", f"level: {level}")))
+
+
+def transfer_level(policy: Policy) -> str:
+    rule = policy.tables.sensitivity(*TRANSFER)
+    assert rule is not None
+    return rule.level
+
+
+def test_two_overlapping_reloads_finish_in_order_and_the_newest_file_stays(tmp_path: Path) -> None:
+    """Reload A starts on the old file and is slow; the file changes and reload B is asked for
+    (a SIGHUP and the watcher, say). B must not be overtaken by A: the newest file wins."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(text_with_transfer("high"))
+    decider = Decider(load_policy(path), Telemetry(None, decision_log=None, metrics=Metrics()))
+    started = threading.Event()
+
+    def loader(p: Path) -> Policy:
+        slow = LEVEL_LINE.replace("level: high", "level: low") in p.read_text()
+        policy = load_policy(p)
+        if slow:
+            started.set()
+            time.sleep(0.5)  # an old, large file: it takes longer
+        return policy
+
+    watcher = PolicyWatcher(path, decider, interval=0.05, loader=loader)
+
+    async def scenario() -> None:
+        path.write_text(text_with_transfer("low"))
+        first = asyncio.ensure_future(watcher.reload())
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        path.write_text(text_with_transfer("critical"))
+        second = asyncio.ensure_future(watcher.check())
+        assert await first is True
+        assert await second is True
+        assert transfer_level(decider.policy) == "critical"
+        await asyncio.sleep(0.1)
+        assert await watcher.check() is False  # nothing new: it stays
+        assert transfer_level(decider.policy) == "critical"
+
+    asyncio.run(scenario())
+
+
+def test_requests_arriving_during_a_reload_are_served_by_one_more_load(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text_with_transfer("high"))
+    decider = Decider(load_policy(path), Telemetry(None, decision_log=None, metrics=Metrics()))
+    loads: list[str] = []
+
+    def loader(p: Path) -> Policy:
+        loads.append(p.read_text())
+        time.sleep(0.2)
+        return load_policy(p)
+
+    watcher = PolicyWatcher(path, decider, interval=0.05, loader=loader)
+
+    async def scenario() -> None:
+        path.write_text(text_with_transfer("low"))
+        running = asyncio.ensure_future(watcher.reload())
+        await asyncio.sleep(0.05)
+        path.write_text(text_with_transfer("critical"))
+        waiting = [asyncio.ensure_future(watcher.reload()) for _ in range(5)]
+        assert await running and all(await asyncio.gather(*waiting))
+
+    asyncio.run(scenario())
+    assert len(loads) == 2  # the five waiting requests shared one load, of the newest file
+    assert transfer_level(decider.policy) == "critical"
+
+
+def test_the_isolated_loader_gives_the_same_policy_as_the_in_process_one(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text_with_transfer("critical"))
+    isolated, local = load_isolated(path), load_policy(path)
+    assert isolated.version == local.version
+    assert transfer_level(isolated) == "critical"
+    assert isolated.files == local.files
+    request = check_request("/bank.v1.Payments/Transfer")
+    from sidecar.attributes import from_check_request
+
+    a = from_check_request(request)
+    assert Engine(isolated).decide(a, 0).reason == Engine(local).decide(a, 0).reason == "missing_credential"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("version: [\n", ":2:1: (document): invalid YAML"),
+        (text_with_transfer("nonexistent"), "sensitivity.rules[3].level: unknown sensitivity level 'nonexistent'"),
+    ],
+)
+def test_the_isolated_loader_reports_problems_with_their_place(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    with pytest.raises(PolicyError) as isolated:
+        load_isolated(path)
+    with pytest.raises(PolicyError) as local:
+        load_policy(path)
+    assert str(isolated.value) == str(local.value)
+    assert expected in str(isolated.value) and str(path) in str(isolated.value)
+
+
+def test_the_isolated_loader_reports_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError) as e:
+        load_isolated(tmp_path / "nope.yaml")
+    assert "nope.yaml:1:1" in str(e.value) and "cannot read" in str(e.value)
+
+
+def test_a_compiled_policy_holds_no_reference_cycle() -> None:
+    """Reference counting alone frees a replaced policy (its objects are frozen out of the GC)."""
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        policy = load_policy(Path(__file__).parent.parent / "examples" / "policy.yaml")
+        engine = Engine(policy)
+        from sidecar.attributes import from_check_request
+
+        engine.decide(from_check_request(check_request("/bank.v1.Accounts/GetBalance")), 0)
+        del policy, engine
+        gc.collect()
+        cyclic = [type(o).__name__ for o in gc.garbage]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert cyclic == []
+
+
+def test_a_replaced_policy_is_dismantled_only_when_nothing_uses_it(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text_with_transfer("high"))
+    in_use = load_policy(path)
+    engine = Engine(in_use)  # a Check still deciding under it
+    assert retire([in_use], grace=0) is False
+    assert transfer_level(engine.policy) == "high"  # untouched
+    unused = load_policy(path)
+    box = [unused]
+    del unused
+    assert retire(box, grace=0) is True
+
+
+def test_sighup_reloads_a_serving_sidecar_through_the_isolated_loader(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text_with_transfer("high"))
+    listen = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve", "--policy", str(path), "--listen", listen,
+         "--watch-interval", "0", "--decision-log", "off"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "STEPUP_LOG_LEVEL": "info"},
+    )
+    try:
+        wait_serving(listen)
+        with grpc.insecure_channel(listen) as ch:
+            stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+            req = check_request("POST /v1/transfers".split()[1], method="POST", grpc=False)
+            assert stub.Check(req, timeout=5).status.message == "missing_credential"
+            path.write_text(text_with_transfer("public"))
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while stub.Check(req, timeout=5).status.message != "":
+                assert time.monotonic() < deadline, "the reload never applied"
+                time.sleep(0.1)
+            path.write_text("version: [\n")
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(2)
+            assert stub.Check(req, timeout=5).status.code == 0  # the last good policy serves
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert "policy reloaded" in err and "policy reload rejected" in err and "invalid YAML" in err

@@ -198,10 +198,43 @@ def _dev_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
+# Libraries that log request content on a parse warning (OpenTelemetry logs an invalid
+# `tracestate` member verbatim, once per request): nothing from a request may reach the logs, and
+# one line per request would let a client flood them. Their errors still show.
+_REQUEST_FACING_LOGGERS = (
+    "opentelemetry.trace",
+    "opentelemetry.baggage",
+    "opentelemetry.propagate",
+    "opentelemetry.propagators",
+    "opentelemetry.attributes",
+    "opentelemetry.context",
+)
+
+
+class _LibraryArgsFilter(logging.Filter):
+    """Any other library record below ERROR keeps its message template but loses its arguments,
+    where request content could hide (a header value, a path)."""
+
+    _KEEP = ("stepup", "opentelemetry.exporter")  # ours, and exporters (endpoints, not requests)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._KEEP) and record.levelno < logging.ERROR and record.args:
+            record.msg = f"{record.msg} (arguments withheld)"
+            record.args = None
+        return True
+
+
+def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter())
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    handler.addFilter(_LibraryArgsFilter())
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+    for name in _REQUEST_FACING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
     if not args.policy:
         print("stepup-sidecar serve: --policy (or STEPUP_POLICY) is required", file=sys.stderr)
         return 2

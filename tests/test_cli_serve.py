@@ -104,3 +104,39 @@ def test_a_second_sidecar_on_the_same_port_fails_instead_of_sharing_it(
     )
     assert proc.returncode == 1
     assert f"cannot listen on {listen}" in proc.stderr
+
+
+def test_request_content_never_reaches_the_operational_log(tmp_path: Path) -> None:
+    """A client-sent `tracestate` that OpenTelemetry would log verbatim on a parse warning (and a
+    hostile path, method and header) leave no trace in the sidecar's stderr; the decision log
+    line carries only the fields it is made of."""
+    listen = f"127.0.0.1:{free_port()}"
+    secret = "s3cr3t-from-the-client"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve", "--policy", str(EXAMPLE_POLICY), "--listen", listen,
+         "--watch-interval", "0", "--log-level", "debug"],
+        env={**os.environ, "OTEL_TRACES_EXPORTER": "console"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_serving(listen)
+        with grpc.insecure_channel(listen) as ch:
+            stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+            headers = {
+                "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "tracestate": f"bad key={secret},{secret}==,=={secret}",
+                "baggage": f"{secret}=%%%",
+                "x-note": secret,
+            }
+            for method, path in (("GET", "/healthz"), (f"G {secret}", "/healthz"), ("GET", f"/{secret}/../x")):
+                resp = stub.Check(check_request(path, method=method, grpc=False, headers=headers), timeout=5)
+                assert resp.status.code in (0, 3, 7)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    assert secret not in err, err[-2000:]
+    decisions = [line for line in out.splitlines() if line.startswith('{"ts"')]
+    assert len(decisions) == 3 and not any(secret in line for line in decisions)

@@ -155,6 +155,12 @@ class _DupKey(Exception):
         self.column = column
 
 
+def _fold_pattern(text: str) -> str:
+    """A pattern's path in lower case (its method keeps its case: methods are case-sensitive)."""
+    method, sep, path = text.rpartition(" ")
+    return f"{method}{sep}{path.lower()}"
+
+
 def parse_duration(v: int | str) -> int:
     if isinstance(v, int):
         return v
@@ -350,7 +356,10 @@ class _Builder:
                 risks.append(RiskRule(raw["id"], cond, raw.get("raise", 1), max_age))
         self._unique_ids("risk", d.get("risk", []))
 
-        # Tables.
+        # Tables. With case-insensitive paths, patterns are folded here and request paths in the
+        # engine; two patterns that differ only in case then tie (a load error).
+        case_sensitive = d.get("paths", {}).get("case_sensitive", True)
+        fold = (lambda t: t) if case_sensitive else _fold_pattern
         sens_entries: list[tuple[str, SensitivityRule]] = []
         sens_pos: list[PathT] = []
         for i, r in enumerate(d["sensitivity"]["rules"]):
@@ -358,7 +367,7 @@ class _Builder:
                 self.err(("sensitivity", "rules", i, "level"), f"unknown sensitivity level {r['level']!r}")
                 continue
             for j, pat in enumerate(r["match"]):
-                sens_entries.append((pat, SensitivityRule(r["id"], r["level"])))
+                sens_entries.append((fold(pat), SensitivityRule(r["id"], r["level"])))
                 sens_pos.append(("sensitivity", "rules", i, "match", j))
         self._unique_ids("sensitivity.rules", d["sensitivity"]["rules"], ("sensitivity", "rules"))
         sens_index = build_index(
@@ -370,7 +379,7 @@ class _Builder:
         for i, r in enumerate(d["permissions"]):
             rule = self._permission(i, r, {c.id for c in issuers})
             for j, pat in enumerate(r["match"]):
-                perm_entries.append((pat, rule))
+                perm_entries.append((fold(pat), rule))
                 perm_pos.append(("permissions", i, "match", j))
         self._unique_ids("permissions", d["permissions"])
         perm_index = build_index(perm_entries, lambda pos, m: self.err(perm_pos[pos], m))
@@ -405,6 +414,7 @@ class _Builder:
             tables=Tables(sens_index, perm_index),
             sensitivity_levels=specs,
             context_extension_key=d["sensitivity"].get("context_extension", ""),
+            case_sensitive_paths=case_sensitive,
             risk_rules=tuple(risks),
             issuers=tuple(issuers),
             authenticator=authenticator,

@@ -56,6 +56,7 @@ class Policy:
     tables: Tables
     sensitivity_levels: dict[str, LevelSpec]
     context_extension_key: str
+    case_sensitive_paths: bool
     risk_rules: tuple[RiskRule, ...]
     issuers: tuple[IssuerConfig, ...]
     authenticator: Authenticator
@@ -100,7 +101,9 @@ class Engine:
             )
 
         # 1. Which operation is this, and how sensitive? No rule: default deny.
-        rule = p.tables.sensitivity(a.method, a.path)
+        # The operation as the upstream routes it (folded when it routes case-insensitively).
+        path = a.path if p.case_sensitive_paths else a.path.lower()
+        rule = p.tables.sensitivity(a.method, path)
         if rule is None:
             return out(Outcome.DENY, "no_matching_rule", 403, "no rule covers this operation")
         spec = p.sensitivity_levels[rule.level]
@@ -145,7 +148,7 @@ class Engine:
             return out(Outcome.UNAUTHENTICATED, "missing_credential", 401, "authentication is required")
 
         # 4. May this subject call this operation at all? (No acr hints: step-up cannot fix it.)
-        perm = p.tables.permission(a.method, a.path, _view(ident, a.principal))
+        perm = p.tables.permission(a.method, path, _view(ident, a.principal))
         if not perm.granted:
             if not ident.is_user:  # a workload without a grant: an end-user token might have one
                 return out(

@@ -195,6 +195,12 @@ def _by_method(buckets: dict[str, list[T]], method: str) -> Iterator[list[T]]:
     exact = buckets.get(method)
     if exact:
         yield exact
+    elif method == "HEAD":
+        # Frameworks (Express, Flask, Spring, Go's net/http) answer HEAD with the GET handler:
+        # without a HEAD rule of its own, HEAD is decided under the GET rule it will run.
+        get = buckets.get("GET")
+        if get:
+            yield get
     anym = buckets.get(ANY_METHOD)
     if anym:
         yield anym

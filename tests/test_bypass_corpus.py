@@ -52,6 +52,8 @@ def policy(name: str) -> Policy:
         overlay = CORPUS["policies"][name]
         doc["sensitivity"]["rules"] = overlay["sensitivity_rules"]
         doc["permissions"] = overlay["permissions"]
+        if "paths" in overlay:
+            doc["paths"] = overlay["paths"]
     return load_policy_text(yaml.safe_dump(doc), file=f"<{name}>", base_dir=EXAMPLE_POLICY.parent)
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from sidecar.config import PolicyError, load_policy_text, schema
-from tests.helpers import EXAMPLE_POLICY
+from tests.helpers import EXAMPLE_POLICY, example_policy_text
 
 KEYS = EXAMPLE_POLICY.parent / "keys" / "dev-jwks.json"
 
@@ -196,3 +196,14 @@ def test_schema_command_prints_the_schema() -> None:
         [sys.executable, "-m", "sidecar", "schema"], capture_output=True, text=True, check=True
     )
     assert json.loads(out.stdout)["title"].startswith("stepup-sidecar policy")
+
+
+def test_case_insensitive_paths_refuse_rules_that_differ_only_in_case(tmp_path: Path) -> None:
+    text = example_policy_text(
+        ("version: 1\n", "version: 1\npaths: {case_sensitive: false}\n"),
+        ('{id: health, match: ["GET /healthz"], level: public}',
+         '{id: health, match: ["GET /healthz"], level: public}\n    - {id: health2, match: ["GET /HealthZ"], level: low}'),
+    )
+    with pytest.raises(PolicyError) as e:
+        load_policy_text(text, file="p.yaml")
+    assert "also claimed by rule 'health'" in str(e.value)

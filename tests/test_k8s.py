@@ -39,6 +39,7 @@ ISTIO_KINDS = {
     ("networking.istio.io/v1", "ServiceEntry"),
     ("security.istio.io/v1", "RequestAuthentication"),
     ("security.istio.io/v1", "AuthorizationPolicy"),
+    ("networking.istio.io/v1alpha3", "EnvoyFilter"),
 }
 AUTH_SERVICE = "envoy.service.auth.v3.Authorization"
 # Fields of Istio's MeshConfig.ExtensionProvider.EnvoyExternalAuthorizationGrpcProvider.
@@ -520,3 +521,41 @@ def test_deploy_docs_show_the_mesh_config_that_ships() -> None:
     block = re.search(r"```yaml\n( *meshConfig:.*?)\n *```", section, re.S)
     assert block, "no meshConfig yaml block in the Istio section"
     assert yaml.safe_load(textwrap.dedent(block.group(1))) == mesh_config()
+
+
+def test_istio_proxy_rejects_header_names_with_underscores() -> None:
+    """`x_auth_subject` cannot stand in for `x-auth-subject` (CGI-style upstreams fold '_' into '-'):
+    an EnvoyFilter on the bank's inbound listener sets REJECT_REQUEST, and its patch is a valid
+    HttpConnectionManager fragment for the real Envoy API (parsed with xds-protos)."""
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+    from google.protobuf import json_format
+
+    target = "overlays/istio"
+    ef = one(target, "EnvoyFilter")
+    assert ef["metadata"]["namespace"] == "bank"
+    assert ef["spec"]["workloadSelector"]["labels"].items() <= pod(target)["metadata"]["labels"].items()
+    (patch,) = ef["spec"]["configPatches"]
+    assert patch["applyTo"] == "NETWORK_FILTER"
+    assert patch["match"]["context"] == "SIDECAR_INBOUND"
+    assert patch["match"]["listener"]["filterChain"]["filter"]["name"] == "envoy.filters.network.http_connection_manager"
+    assert patch["patch"]["operation"] == "MERGE"
+    typed = dict(patch["patch"]["value"]["typed_config"])
+    assert typed.pop("@type").endswith("http_connection_manager.v3.HttpConnectionManager")
+    hcm = json_format.ParseDict(typed, http_connection_manager_pb2.HttpConnectionManager())
+    options = hcm.common_http_protocol_options
+    assert options.headers_with_underscores_action == options.REJECT_REQUEST
+
+
+@pytest.mark.parametrize("config", ["examples/envoy/envoy.yaml", "examples/envoy/envoy-jwt-authn.yaml", "k8s/overlays/envoy/envoy.yaml"])
+def test_every_envoy_config_rejects_header_names_with_underscores(config: str) -> None:
+    doc = yaml.safe_load((ROOT / config).read_text())
+    found = []
+    for listener in doc["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for f in chain["filters"]:
+                tc = f.get("typed_config", {})
+                if "http_connection_manager" in tc.get("@type", "") and tc.get("http_filters") and any(
+                    h["name"] == "envoy.filters.http.ext_authz" for h in tc["http_filters"]
+                ):
+                    found.append(tc["common_http_protocol_options"]["headers_with_underscores_action"])
+    assert found and set(found) == {"REJECT_REQUEST"}

@@ -99,6 +99,14 @@ class Engine:
             return out(
                 Outcome.DENY, "invalid_method", 400, "missing or invalid method", error="invalid_request"
             )
+        if a.auth_problem == "ambiguous_credentials":
+            return out(
+                Outcome.DENY,
+                "ambiguous_credentials",
+                400,
+                "more than one credential was presented",
+                error="invalid_request",
+            )
 
         # 1. Which operation is this, and how sensitive? No rule: default deny.
         # The operation as the upstream routes it (folded when it routes case-insensitively).
@@ -132,14 +140,6 @@ class Engine:
             )
 
         # 3. Who is calling? No credential: 401; a bad one: 401 invalid_token.
-        if a.auth_problem == "ambiguous_credentials":
-            return out(
-                Outcome.DENY,
-                "ambiguous_credentials",
-                400,
-                "more than one credential was presented",
-                error="invalid_request",
-            )
         try:
             ident = self._identify(a, now)
         except AuthError as e:

@@ -142,14 +142,16 @@ class Authenticator:
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthError("malformed_token", "token too large")
         header, unverified = _peek(token)
+        alg = header.get("alg")
+        if not isinstance(alg, str) or not isinstance(header.get("kid", ""), str):
+            raise AuthError("malformed_token", "the token's 'alg' or 'kid' is not a string")
         iss = unverified.get("iss")
         if not isinstance(iss, str):
             raise AuthError("malformed_token", "the token has no string 'iss'")
         cfg = self._by_iss.get(iss)
         if cfg is None:
             raise AuthError("unknown_issuer", "the token's issuer is not trusted")
-        alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in cfg.algorithms:
+        if alg not in cfg.algorithms:
             raise AuthError("disallowed_algorithm", "the token's algorithm is not allowed for its issuer")
         assert cfg.keys is not None
         keyset = cfg.keys.keyset()
@@ -165,8 +167,8 @@ class Authenticator:
             raise AuthError("disallowed_algorithm", "the token's algorithm is not allowed") from None
         except DecodeError:
             raise AuthError("malformed_token", "the token is not a well-formed JWS") from None
-        except JoseError as e:
-            raise AuthError("invalid_token", f"the token was rejected ({e.error})") from None
+        except JoseError as e:  # any other refusal of the JWS by its form
+            raise AuthError("malformed_token", f"the token is not an acceptable JWS ({e.error})") from None
         except Exception:
             raise AuthError("malformed_token", "the token could not be decoded") from None
         claims = _json(obj.payload)
@@ -205,10 +207,14 @@ class Authenticator:
         if now > exp + skew:
             raise AuthError("token_expired", "the token has expired")
         nbf = claims.get("nbf")
-        if nbf is not None and (not _is_number(nbf) or nbf > now + skew):
+        if nbf is not None and not _is_number(nbf):
+            raise AuthError("invalid_claim", "the token's 'nbf' is not a valid time")
+        if nbf is not None and nbf > now + skew:
             raise AuthError("token_not_yet_valid", "the token is not valid yet")
         iat = claims.get("iat")
-        if iat is not None and (not _is_number(iat) or iat > now + skew):
+        if iat is not None and not _is_number(iat):
+            raise AuthError("invalid_claim", "the token's 'iat' is not a valid time")
+        if iat is not None and iat > now + skew:
             raise AuthError("token_issued_in_future", "the token's 'iat' lies in the future")
         return float(exp)
 
@@ -217,7 +223,7 @@ class Authenticator:
     ) -> Identity:
         names = cfg.claims
         sub = _claim(claims, names.subject)
-        if not isinstance(sub, str) or not sub:
+        if not isinstance(sub, str) or not sub or not _utf8(sub):
             raise AuthError("invalid_claim", f"the token has no string '{names.subject}'")
         acr = _strings(claims, names.acr, "acr")
         amr = _strings(claims, names.amr, "amr")
@@ -327,11 +333,23 @@ def _strings(claims: Mapping[str, Any], path: str, what: str, *, split: bool = F
     v = _claim(claims, path)
     if v is None:
         return ()
-    if isinstance(v, str):
+    if isinstance(v, str) and _utf8(v):
         return tuple(x for x in v.split(" ") if x) if split else (v,)
-    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+    if isinstance(v, list) and all(isinstance(x, str) and _utf8(x) for x in v):
         return tuple(v)
     raise AuthError("invalid_claim", f"'{what}' has the wrong type")
+
+
+def _utf8(s: str) -> bool:
+    """Whether a JSON string is text: json.loads accepts lone surrogates ("\\ud800"), which no
+    header, span or log line can carry."""
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _json(raw: bytes | str) -> Any:

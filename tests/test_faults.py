@@ -15,13 +15,11 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 import yaml
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -110,16 +108,16 @@ def test_policy_swapped_under_load_gives_only_right_answers(tmp_path: Path) -> N
 
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(client, n) for n in range(6)]
-            for k in range(30):
+            for k in range(10):  # each reload validates in a child process (~0.5 s)
                 _write_atomically(path, text_b if k % 2 == 0 else text_a)
-                time.sleep(0.06)
+                time.sleep(0.7)
             stop.set()
             for f in futures:
                 f.result()
         watching.cancel()
         applied = srv.metrics.registry.get_sample_value("stepup_policy_reloads_total", {"result": "applied"})
         assert not wrong
-        assert applied is not None and applied >= 10
+        assert applied is not None and applied >= 5
         assert seen[0] == {(16, "acr_too_low"), (0, "")}  # both policies really answered
         assert srv.metrics.registry.get_sample_value("stepup_internal_errors_total") == 0
         assert calls[0] > 200
@@ -404,13 +402,3 @@ def test_slow_jwks_refresh_does_not_block_decisions_for_cached_keys() -> None:
     finally:
         idp.release.set()
         srv.stop()
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_threads() -> Iterator[None]:
-    before = threading.active_count()
-    yield
-    # Servers and pools started here are stopped; allow grpc's own helper threads a moment.
-    deadline = time.monotonic() + 2
-    while threading.active_count() > before + 4 and time.monotonic() < deadline:
-        time.sleep(0.05)

@@ -131,7 +131,7 @@ def main() -> int:
                   lambda i: check_request("/healthz", method=letters(i) + "X" * 100_000, grpc=False).SerializeToString(), 3000, 500)
             phase("distinct 8 KB paths", proc.pid, address,
                   lambda i: check_request(f"/v1/accounts/{i:06d}" + "a" * 8150, method="GET", grpc=False).SerializeToString(), 3000)
-            phase(f"distinct valid tokens", proc.pid, address,
+            phase("distinct valid tokens", proc.pid, address,
                   lambda i: check_request("/bank.v1.Accounts/GetBalance", token=token(i)).SerializeToString(), args.tokens)
         finally:
             proc.send_signal(signal.SIGTERM)

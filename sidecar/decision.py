@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from sidecar.assurance import Requirement
-from sidecar.identity import Identity
+if TYPE_CHECKING:  # annotations only: identity.py imports the reasons, which import Outcome
+    from sidecar.assurance import Requirement
+    from sidecar.identity import Identity
 
 
 class Outcome(enum.Enum):

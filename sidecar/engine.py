@@ -12,12 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from sidecar import reasons as R
 from sidecar.assurance import Requirement, Shortfall, shortfall
 from sidecar.attributes import RequestAttributes
-from sidecar.decision import Decision, Outcome
+from sidecar.decision import Decision
 from sidecar.identity import Authenticator, AuthError, Identity, IssuerConfig
 from sidecar.paths import valid_method
 from sidecar.policy import SubjectView, Tables
+from sidecar.reasons import Reason
 from sidecar.risk import RiskRule
 
 
@@ -78,12 +80,13 @@ class Engine:
         matched: list[str] = []
         sensitivity = ""
 
-        def out(outcome: Outcome, reason: str, status: int, text: str = "", **kw: Any) -> Decision:
+        def out(r: Reason, text: str = "", **kw: Any) -> Decision:
             return Decision(
-                outcome,
-                reason,
-                status,
-                text,
+                r.outcome,
+                r.code,
+                r.http_status,
+                text or r.description,
+                error=r.error,
                 matched_rules=tuple(matched),
                 sensitivity=sensitivity,
                 path=a.path,
@@ -92,28 +95,20 @@ class Engine:
 
         # 0. Malformed input is refused before anything reads it.
         if a.path_error:
-            return out(Outcome.DENY, "invalid_path", 400, a.path_error, error="invalid_request")
+            return out(R.INVALID_PATH, a.path_error)
         if a.header_problem:
-            return out(Outcome.DENY, "invalid_header", 400, a.header_problem, error="invalid_request")
+            return out(R.INVALID_HEADER, a.header_problem)
         if not valid_method(a.method):
-            return out(
-                Outcome.DENY, "invalid_method", 400, "missing or invalid method", error="invalid_request"
-            )
+            return out(R.INVALID_METHOD)
         if a.auth_problem == "ambiguous_credentials":
-            return out(
-                Outcome.DENY,
-                "ambiguous_credentials",
-                400,
-                "more than one credential was presented",
-                error="invalid_request",
-            )
+            return out(R.AMBIGUOUS_CREDENTIALS)
 
         # 1. Which operation is this, and how sensitive? No rule: default deny.
         # The operation as the upstream routes it (folded when it routes case-insensitively).
         path = a.path if p.case_sensitive_paths else a.path.lower()
         rule = p.tables.sensitivity(a.method, path)
         if rule is None:
-            return out(Outcome.DENY, "no_matching_rule", 403, "no rule covers this operation")
+            return out(R.NO_MATCHING_RULE)
         spec = p.sensitivity_levels[rule.level]
         matched.append(rule.id)
         sensitivity = rule.level
@@ -121,9 +116,7 @@ class Engine:
             ext_name = a.context_extensions[p.context_extension_key]
             ext = p.sensitivity_levels.get(ext_name)
             if ext is None:
-                return out(
-                    Outcome.DENY, "unknown_sensitivity", 403, "the route names an unknown sensitivity level"
-                )
+                return out(R.UNKNOWN_SENSITIVITY)
             merged = _stricter(spec, ext)
             if merged != spec:
                 sensitivity = f"{rule.level}+{ext_name}"
@@ -132,63 +125,32 @@ class Engine:
 
         # 2. Public operations see no friction.
         if spec.public:
-            return out(
-                Outcome.ALLOW,
-                "public",
-                200,
-                requirement=Requirement(sensitivity, True, None, None, frozenset()),
-            )
+            return out(R.PUBLIC, requirement=Requirement(sensitivity, True, None, None, frozenset()))
 
         # 3. Who is calling? No credential: 401; a bad one: 401 invalid_token.
         try:
             ident = self._identify(a, now)
         except AuthError as e:
-            return out(Outcome.UNAUTHENTICATED, e.code, 401, e.description, error="invalid_token")
+            return out(e.reason, e.description)
         if ident is None:
-            return out(Outcome.UNAUTHENTICATED, "missing_credential", 401, "authentication is required")
+            return out(R.MISSING_CREDENTIAL)
 
         # 4. May this subject call this operation at all? (No acr hints: step-up cannot fix it.)
         perm = p.tables.permission(a.method, path, _view(ident, a.principal))
         if not perm.granted:
             if not ident.is_user:  # a workload without a grant: an end-user token might have one
-                return out(
-                    Outcome.UNAUTHENTICATED,
-                    "missing_credential",
-                    401,
-                    "authentication is required",
-                    identity=ident,
-                )
+                return out(R.MISSING_CREDENTIAL, identity=ident)
             if perm.missing_scopes:
-                return out(
-                    Outcome.DENY,
-                    "insufficient_scope",
-                    403,
-                    "the token lacks a required scope",
-                    error="insufficient_scope",
-                    scope=perm.missing_scopes,
-                    identity=ident,
-                )
-            return out(
-                Outcome.DENY,
-                "permission_denied",
-                403,
-                "the caller may not call this operation",
-                identity=ident,
-            )
+                return out(R.INSUFFICIENT_SCOPE, scope=perm.missing_scopes, identity=ident)
+            return out(R.PERMISSION_DENIED, identity=ident)
         matched.append(perm.rule_id)
         if perm.workload:
             # A workload's own call (no end-user token), granted by an mTLS-principal rule.
-            return out(Outcome.ALLOW, "workload_granted", 200, identity=ident)
+            return out(R.WORKLOAD_GRANTED, identity=ident)
         if not ident.is_user:
             # Granted by a rule that does not name principals (e.g. `anyone`), on an operation
             # that needs an end user's authentication: what is missing is a user token.
-            return out(
-                Outcome.UNAUTHENTICATED,
-                "missing_credential",
-                401,
-                "authentication is required",
-                identity=ident,
-            )
+            return out(R.MISSING_CREDENTIAL, identity=ident)
 
         # 5. How strong and how fresh must the authentication be?
         req = self._requirement(spec, sensitivity, a, now)
@@ -198,7 +160,7 @@ class Engine:
             return self._step_up(req, ident, short, out)
 
         # 6. Allow.
-        return out(Outcome.ALLOW, "allowed", 200, requirement=req, identity=ident)
+        return out(R.ALLOWED, requirement=req, identity=ident)
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -207,7 +169,7 @@ class Engine:
         if ident is not None:
             return ident
         if a.auth_problem == "malformed_token":
-            raise AuthError("malformed_token", "the bearer token is malformed")
+            raise AuthError(R.MALFORMED_TOKEN, "the bearer token is malformed")
         if a.bearer:
             return self._auth.from_bearer(a.bearer, a.principal, now)
         if a.principal:
@@ -250,20 +212,17 @@ class Engine:
             and missing_amr
             and (ident.level is not None and req.min_level is not None and ident.level >= req.min_level)
         ):
-            reason, text = "amr_missing", f"authentication with {' and '.join(missing_amr)} is required"
+            reason, text = R.AMR_MISSING, f"authentication with {' and '.join(missing_amr)} is required"
         elif strength:
             need = p.levels[req.min_level] if req.min_level is not None else p.levels[0]
-            reason, text = "acr_too_low", f"a stronger authentication ({need}) is required"
+            reason, text = R.ACR_TOO_LOW, f"a stronger authentication ({need}) is required"
         else:
-            reason, text = "auth_too_old", "a more recent authentication is required"
+            reason, text = R.AUTH_TOO_OLD, R.AUTH_TOO_OLD.description
         if strength and freshness:
             text += ", and a more recent one"
         return out(
-            Outcome.STEP_UP,
             reason,
-            401,
             text,
-            error="insufficient_user_authentication",
             requirement=req,
             identity=ident,
             acr_values=acr_values,

@@ -25,8 +25,10 @@ from joserfc.errors import (
     UnsupportedAlgorithmError,
 )
 
+from sidecar import reasons as R
 from sidecar.assurance import IssuerAcr, level_from_claims
 from sidecar.jwks import KeyProvider
+from sidecar.reasons import Reason
 
 MAX_TOKEN_BYTES = 8 * 1024
 CACHE_MAX_BYTES = 32 * 1024 * 1024  # the verified-token cache's budget (estimated bytes)
@@ -79,12 +81,13 @@ class Identity:
 
 
 class AuthError(Exception):
-    """A credential that does not verify. `code` is a stable snake_case reason."""
+    """A credential that does not verify, with its registered reason."""
 
-    def __init__(self, code: str, description: str) -> None:
-        super().__init__(description)
-        self.code = code
-        self.description = description
+    def __init__(self, reason: Reason, description: str = "") -> None:
+        super().__init__(description or reason.description)
+        self.reason = reason
+        self.code = reason.code
+        self.description = description or reason.description
 
 
 class Authenticator:
@@ -119,10 +122,10 @@ class Authenticator:
             if claims is None:
                 continue
             if not isinstance(claims, dict):
-                raise AuthError("malformed_token", "jwt_authn payload is not an object")
+                raise AuthError(R.MALFORMED_TOKEN, "jwt_authn payload is not an object")
             iss = claims.get("iss")
             if not isinstance(iss, str):
-                raise AuthError("invalid_claim", "the token has no string 'iss'")
+                raise AuthError(R.INVALID_CLAIM, "the token has no string 'iss'")
             for cfg in self._md_issuers:
                 if cfg.jwt_authn_payload == key and cfg.issuer == iss:
                     # Envoy checked the signature; the claims get every other check a bearer
@@ -130,7 +133,7 @@ class Authenticator:
                     self._check_audience(cfg, claims)
                     self._check_times(claims, now)
                     return self._identity(cfg, claims, "jwt_authn", principal, now)
-            raise AuthError("unknown_issuer", "the token's issuer is not trusted")
+            raise AuthError(R.UNKNOWN_ISSUER, "the token's issuer is not trusted")
         return None
 
     # -- bearer tokens ----------------------------------------------------------------------
@@ -140,42 +143,42 @@ class Authenticator:
         if ident is not None:
             return ident if ident.principal == principal else _with_principal(ident, principal)
         if len(token) > MAX_TOKEN_BYTES:
-            raise AuthError("malformed_token", "token too large")
+            raise AuthError(R.MALFORMED_TOKEN, "token too large")
         header, unverified = _peek(token)
         alg = header.get("alg")
         if not isinstance(alg, str) or not isinstance(header.get("kid", ""), str):
-            raise AuthError("malformed_token", "the token's 'alg' or 'kid' is not a string")
+            raise AuthError(R.MALFORMED_TOKEN, "the token's 'alg' or 'kid' is not a string")
         iss = unverified.get("iss")
         if not isinstance(iss, str):
-            raise AuthError("malformed_token", "the token has no string 'iss'")
+            raise AuthError(R.MALFORMED_TOKEN, "the token has no string 'iss'")
         cfg = self._by_iss.get(iss)
         if cfg is None:
-            raise AuthError("unknown_issuer", "the token's issuer is not trusted")
+            raise AuthError(R.UNKNOWN_ISSUER, "the token's issuer is not trusted")
         if alg not in cfg.algorithms:
-            raise AuthError("disallowed_algorithm", "the token's algorithm is not allowed for its issuer")
+            raise AuthError(R.DISALLOWED_ALGORITHM, "the token's algorithm is not allowed for its issuer")
         assert cfg.keys is not None
         keyset = cfg.keys.keyset()
         if keyset is None:
-            raise AuthError("unknown_key", "no verification keys are available")
+            raise AuthError(R.UNKNOWN_KEY, "no verification keys are available")
         try:
             obj = jws.deserialize_compact(token, keyset, algorithms=list(cfg.algorithms))
         except InvalidKeyIdError:
-            raise AuthError("unknown_key", "the token's signing key is not known") from None
+            raise AuthError(R.UNKNOWN_KEY, "the token's signing key is not known") from None
         except BadSignatureError:
-            raise AuthError("bad_signature", "the token's signature does not verify") from None
+            raise AuthError(R.BAD_SIGNATURE, "the token's signature does not verify") from None
         except (UnsupportedAlgorithmError, MissingAlgorithmError):
-            raise AuthError("disallowed_algorithm", "the token's algorithm is not allowed") from None
+            raise AuthError(R.DISALLOWED_ALGORITHM, "the token's algorithm is not allowed") from None
         except DecodeError:
-            raise AuthError("malformed_token", "the token is not a well-formed JWS") from None
+            raise AuthError(R.MALFORMED_TOKEN, "the token is not a well-formed JWS") from None
         except JoseError as e:  # any other refusal of the JWS by its form
-            raise AuthError("malformed_token", f"the token is not an acceptable JWS ({e.error})") from None
+            raise AuthError(R.MALFORMED_TOKEN, f"the token is not an acceptable JWS ({e.error})") from None
         except Exception:
-            raise AuthError("malformed_token", "the token could not be decoded") from None
+            raise AuthError(R.MALFORMED_TOKEN, "the token could not be decoded") from None
         claims = _json(obj.payload)
         if not isinstance(claims, dict):
-            raise AuthError("malformed_token", "the token's payload is not a JSON object")
+            raise AuthError(R.MALFORMED_TOKEN, "the token's payload is not a JSON object")
         if claims.get("iss") != cfg.issuer:
-            raise AuthError("unknown_issuer", "the token's issuer is not trusted")
+            raise AuthError(R.UNKNOWN_ISSUER, "the token's issuer is not trusted")
         self._check_audience(cfg, claims)
         exp = self._check_times(claims, now)
         ident = self._identity(cfg, claims, "bearer", principal, now)
@@ -194,28 +197,28 @@ class Authenticator:
         elif aud is None:
             ok = False
         else:
-            raise AuthError("invalid_claim", "'aud' is neither a string nor a list")
+            raise AuthError(R.INVALID_CLAIM, "'aud' is neither a string nor a list")
         if not ok:
-            raise AuthError("wrong_audience", "the token is not meant for this audience")
+            raise AuthError(R.WRONG_AUDIENCE, "the token is not meant for this audience")
 
     def _check_times(self, claims: Mapping[str, Any], now: float) -> float:
         skew = self._skew
         exp = claims.get("exp")
         if not _is_number(exp):
-            raise AuthError("invalid_claim", "the token has no valid 'exp'")
+            raise AuthError(R.INVALID_CLAIM, "the token has no valid 'exp'")
         assert isinstance(exp, int | float)
         if now > exp + skew:
-            raise AuthError("token_expired", "the token has expired")
+            raise AuthError(R.TOKEN_EXPIRED, "the token has expired")
         nbf = claims.get("nbf")
         if nbf is not None and not _is_number(nbf):
-            raise AuthError("invalid_claim", "the token's 'nbf' is not a valid time")
+            raise AuthError(R.INVALID_CLAIM, "the token's 'nbf' is not a valid time")
         if nbf is not None and nbf > now + skew:
-            raise AuthError("token_not_yet_valid", "the token is not valid yet")
+            raise AuthError(R.TOKEN_NOT_YET_VALID, "the token is not valid yet")
         iat = claims.get("iat")
         if iat is not None and not _is_number(iat):
-            raise AuthError("invalid_claim", "the token's 'iat' is not a valid time")
+            raise AuthError(R.INVALID_CLAIM, "the token's 'iat' is not a valid time")
         if iat is not None and iat > now + skew:
-            raise AuthError("token_issued_in_future", "the token's 'iat' lies in the future")
+            raise AuthError(R.TOKEN_ISSUED_IN_FUTURE, "the token's 'iat' lies in the future")
         return float(exp)
 
     def _identity(
@@ -224,15 +227,15 @@ class Authenticator:
         names = cfg.claims
         sub = _claim(claims, names.subject)
         if not isinstance(sub, str) or not sub or not _utf8(sub):
-            raise AuthError("invalid_claim", f"the token has no string '{names.subject}'")
+            raise AuthError(R.INVALID_CLAIM, f"the token has no string '{names.subject}'")
         acr = _strings(claims, names.acr, "acr")
         amr = _strings(claims, names.amr, "amr")
         auth_time = _claim(claims, names.auth_time)
         if auth_time is not None:
             if not _is_number(auth_time):
-                raise AuthError("invalid_claim", "'auth_time' is not a number")
+                raise AuthError(R.INVALID_CLAIM, "'auth_time' is not a number")
             if auth_time > now + self._skew:
-                raise AuthError("invalid_claim", "'auth_time' lies in the future")
+                raise AuthError(R.INVALID_CLAIM, "'auth_time' lies in the future")
             auth_time = int(auth_time)
         level, how = level_from_claims(acr, amr, cfg.acr, self._n_levels, self._amr_derivation)
         return Identity(
@@ -337,7 +340,7 @@ def _strings(claims: Mapping[str, Any], path: str, what: str, *, split: bool = F
         return tuple(x for x in v.split(" ") if x) if split else (v,)
     if isinstance(v, list) and all(isinstance(x, str) and _utf8(x) for x in v):
         return tuple(v)
-    raise AuthError("invalid_claim", f"'{what}' has the wrong type")
+    raise AuthError(R.INVALID_CLAIM, f"'{what}' has the wrong type")
 
 
 def _utf8(s: str) -> bool:
@@ -358,14 +361,14 @@ def _json(raw: bytes | str) -> Any:
     try:
         return json.loads(raw)
     except (ValueError, RecursionError):
-        raise AuthError("malformed_token", "the token is not well-formed JSON") from None
+        raise AuthError(R.MALFORMED_TOKEN, "the token is not well-formed JSON") from None
 
 
 def _b64json(part: str) -> Any:
     try:
         raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
     except (binascii.Error, ValueError):
-        raise AuthError("malformed_token", "the token is not a well-formed JWT") from None
+        raise AuthError(R.MALFORMED_TOKEN, "the token is not a well-formed JWT") from None
     return _json(raw)
 
 
@@ -373,8 +376,8 @@ def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read header and payload WITHOUT verifying, only to choose the issuer's keys."""
     parts = token.split(".")
     if len(parts) != 3:
-        raise AuthError("malformed_token", "the token is not a compact JWS (three parts)")
+        raise AuthError(R.MALFORMED_TOKEN, "the token is not a compact JWS (three parts)")
     header, payload = _b64json(parts[0]), _b64json(parts[1])
     if not isinstance(header, dict) or not isinstance(payload, dict):
-        raise AuthError("malformed_token", "the token is not a well-formed JWT")
+        raise AuthError(R.MALFORMED_TOKEN, "the token is not a well-formed JWT")
     return header, payload

@@ -22,13 +22,15 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sidecar import reasons as R
 from sidecar import response
 from sidecar.attributes import RequestAttributes, from_check_request
 from sidecar.config import PolicyError
-from sidecar.decision import Decision, Outcome
+from sidecar.decision import Decision
 from sidecar.engine import Engine, Policy
 from sidecar.isolated import load_isolated, retire, settle
 from sidecar.jwks import RemoteKeys
+from sidecar.reasons import Reason
 from sidecar.telemetry import Telemetry
 
 from sidecar._proto.stepup.v1 import explain_pb2, explain_pb2_grpc  # isort: skip
@@ -40,10 +42,12 @@ EXPLAIN_SERVICE = explain_pb2.DESCRIPTOR.services_by_name["Explain"].full_name
 
 REFRESH_WAIT = 0.15  # seconds a Check may wait for a JWKS fetch triggered by an unknown kid
 
-_INTERNAL = Decision(Outcome.DENY, "internal_error", 403, "the request could not be evaluated")
-_MALFORMED = Decision(
-    Outcome.DENY, "malformed_request", 400, "the CheckRequest could not be parsed", error="invalid_request"
-)
+def _fixed(r: Reason) -> Decision:
+    return Decision(r.outcome, r.code, r.http_status, r.description, error=r.error)
+
+
+_INTERNAL = _fixed(R.INTERNAL_ERROR)
+_MALFORMED = _fixed(R.MALFORMED_REQUEST)
 
 
 def log_internal_error(what: str, e: BaseException, **extra: Any) -> None:

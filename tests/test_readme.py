@@ -59,8 +59,38 @@ def test_every_serve_flag_and_env_var_is_documented() -> None:
             assert f"`{m.group(1)}`" in README, m.group(1)
 
 
-def test_reason_codes_in_the_table_exist_in_the_code() -> None:
-    code = "".join(p.read_text() for p in (ROOT / "sidecar").glob("*.py"))
-    table = README[README.index("## What the sidecar answers") : README.index("A step-up answer carries")]
-    for reason in set(re.findall(r"`([a-z]+(?:_[a-z]+)+)`", table)):
-        assert f'"{reason}"' in code, reason
+def _table() -> str:
+    return README[README.index("## What the sidecar answers") : README.index("A step-up answer carries")]
+
+
+def test_the_decision_table_documents_exactly_the_registered_reasons() -> None:
+    """Both directions: every reason the sidecar can answer with is in the README's table, with
+    its outcome and HTTP status, and every code the table names is registered."""
+    from sidecar.reasons import REASONS
+
+    rows = [line for line in _table().splitlines() if re.match(r"\| (\d|–) \|", line)]
+    documented: dict[str, tuple[str, int]] = {}
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        outcome, status = cells[2].strip("*"), int(cells[3])
+        for code in re.findall(r"`([a-z]+(?:_[a-z]+)*)`", cells[-1]):
+            documented[code] = (outcome, status)
+    assert set(documented) == set(REASONS)
+    for code, r in REASONS.items():
+        assert documented[code] == (r.outcome.value.replace("_", " "), r.http_status), code
+
+
+def test_every_decision_is_built_from_a_registered_reason() -> None:
+    """No reason code is spelled outside sidecar/reasons.py: Decisions are made in exactly two
+    places, both from a Reason, and every AuthError names a registered one."""
+    decisions = []
+    for path in (ROOT / "sidecar").glob("*.py"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\bDecision\(", line) and "class Decision" not in line:
+                decisions.append(f"{path.name}:{line.strip()}")
+            if "AuthError(" in line and "class AuthError" not in line and "except" not in line:
+                assert "AuthError(R." in line, f"{path.name}:{n}: {line.strip()}"
+    assert sorted(decisions) == [
+        "engine.py:return Decision(",
+        "server.py:return Decision(r.outcome, r.code, r.http_status, r.description, error=r.error)",
+    ]

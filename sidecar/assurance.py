@@ -9,10 +9,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-# RFC 8176 method values by authentication factor class.
+# RFC 8176 method values by authentication factor class. `user` (a presence test), `rba`, `geo`,
+# `mca` and unknown values are no factor: they neither derive nor raise a level.
 _KNOWLEDGE = frozenset({"pwd", "pin", "kba"})
 _POSSESSION = frozenset({"hwk", "swk", "otp", "sms", "tel", "sc", "pop"})
-_INHERENCE = frozenset({"fpt", "face", "iris", "retina", "vbm", "bio", "user"})
+_INHERENCE = frozenset({"fpt", "face", "iris", "retina", "vbm"})
+_FACTORS = _KNOWLEDGE | _POSSESSION | _INHERENCE
+# OpenID Connect Core §2: acr "0" states that the authentication does NOT meet ISO/IEC 29115
+# level 1 (e.g. a long-lived browser cookie): no level, and no derivation from amr either.
+NO_ASSURANCE_ACR = "0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,15 +59,18 @@ def level_from_claims(
             best = lvl
     if best is not None:
         return best, "acr"
-    if not amr_derivation or not amr:
+    if not amr_derivation or not amr or NO_ASSURANCE_ACR in acr:
         return None, ""
     cap = n_levels - 2  # never the top level from amr alone
     if cap < 0:
         return None, ""
     methods = set(amr)
     classes = sum(1 for c in (_KNOWLEDGE, _POSSESSION, _INHERENCE) if not c.isdisjoint(methods))
-    derived = 1 if ("mfa" in methods or classes >= 2) else 0
-    return min(derived, cap), "amr"
+    if "mfa" in methods or classes >= 2:
+        return min(1, cap), "amr"
+    if methods.isdisjoint(_FACTORS):
+        return None, ""  # no authentication factor named at all
+    return 0, "amr"
 
 
 @dataclass(frozen=True, slots=True)

@@ -541,11 +541,26 @@ class _Builder:
         for j, iss in enumerate(a.get("issuers", ())):
             if iss not in issuer_ids:
                 self.err((*where, "issuers", j), f"unknown issuer id {iss!r}")
+        if len(issuer_ids) > 1 and "issuers" not in a:
+            named = [k for k in ("users", "roles", "groups", "scopes") if k in a]
+            if named:
+                # Issuers do not share a namespace: a partner IdP's `admin` role (or its user
+                # `alice`) is not ours.
+                self.err(
+                    where,
+                    f"with more than one issuer, {' and '.join(named)} must say whose: add"
+                    f" `issuers: [...]` (one of {', '.join(sorted(issuer_ids))})",
+                )
         exact, prefix = set(), []
         for j, p in enumerate(a.get("principals", ())):
             if p.endswith("*"):
                 if "*" in p[:-1]:
                     self.err((*where, "principals", j), "'*' is only allowed at the end of a principal")
+                elif not p[:-1].endswith("/"):
+                    self.warnings.append(
+                        f"permissions[{i}] ({r['id']}): principal prefix {p!r} does not end at a '/':"
+                        f" it also matches {p[:-1] + '-other/…'!r}"
+                    )
                 prefix.append(p[:-1])
             elif "*" in p:
                 self.err((*where, "principals", j), "'*' is only allowed at the end of a principal")

@@ -77,6 +77,47 @@ class Engine:
 
     def decide(self, a: RequestAttributes, now: float) -> Decision:
         p = self.policy
+
+        def refuse(r: Reason, text: str = "") -> Decision:
+            return Decision(
+                r.outcome, r.code, r.http_status, text or r.description, error=r.error, path=a.path
+            )
+
+        # 0. Malformed input is refused before anything reads it.
+        if a.path_error:
+            return refuse(R.INVALID_PATH, a.path_error)
+        if a.header_problem:
+            return refuse(R.INVALID_HEADER, a.header_problem)
+        if not valid_method(a.method):
+            return refuse(R.INVALID_METHOD)
+        if a.method != a.method.upper() and a.method not in p.tables.methods:
+            # Methods are case-sensitive, but Werkzeug, Django, Symfony and ASP.NET Core route
+            # `delete` to the DELETE handler: a case variant the policy does not name is refused.
+            upper = a.method.upper()
+            return refuse(R.INVALID_METHOD, f"methods are case-sensitive: {a.method!r} is not {upper!r}")
+        if a.method_override:
+            # Rails, Symfony and Laravel run the method named by X-HTTP-Method-Override (or
+            # `_method`) instead of POST: the operation would not be the one decided here.
+            return refuse(R.INVALID_METHOD, "method override headers and `_method` are not accepted")
+        if a.auth_problem == "ambiguous_credentials":
+            return refuse(R.AMBIGUOUS_CREDENTIALS)
+
+        # The operation as the upstream routes it (folded when it routes case-insensitively).
+        path = a.path if p.case_sensitive_paths else a.path.lower()
+        if len(path) > 1 and path[-1] == "/":
+            # Frameworks disagree on a trailing slash (Express and Spring 5 route `/x/` to `/x`'s
+            # handler; Go, Django and Werkzeug may have a handler of its own): allow only what
+            # both readings allow, else answer with the first reading that does not.
+            first = self._operation(a, path, now)
+            if not first.allowed:
+                return first
+            second = self._operation(a, path[:-1], now)
+            return first if second.allowed else second
+        return self._operation(a, path, now)
+
+    def _operation(self, a: RequestAttributes, path: str, now: float) -> Decision:
+        """Steps 1 to 6 for one reading of the operation."""
+        p = self.policy
         matched: list[str] = []
         sensitivity = ""
 
@@ -93,19 +134,7 @@ class Engine:
                 **kw,
             )
 
-        # 0. Malformed input is refused before anything reads it.
-        if a.path_error:
-            return out(R.INVALID_PATH, a.path_error)
-        if a.header_problem:
-            return out(R.INVALID_HEADER, a.header_problem)
-        if not valid_method(a.method):
-            return out(R.INVALID_METHOD)
-        if a.auth_problem == "ambiguous_credentials":
-            return out(R.AMBIGUOUS_CREDENTIALS)
-
         # 1. Which operation is this, and how sensitive? No rule: default deny.
-        # The operation as the upstream routes it (folded when it routes case-insensitively).
-        path = a.path if p.case_sensitive_paths else a.path.lower()
         rule = p.tables.sensitivity(a.method, path)
         if rule is None:
             return out(R.NO_MATCHING_RULE)

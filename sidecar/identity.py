@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from sidecar.jwks import KeyProvider
 from sidecar.reasons import Reason
 
 MAX_TOKEN_BYTES = 8 * 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 CACHE_MAX_BYTES = 32 * 1024 * 1024  # the verified-token cache's budget (estimated bytes)
 
 
@@ -226,8 +228,9 @@ class Authenticator:
     ) -> Identity:
         names = cfg.claims
         sub = _claim(claims, names.subject)
-        if not isinstance(sub, str) or not sub or not _utf8(sub):
-            raise AuthError(R.INVALID_CLAIM, f"the token has no string '{names.subject}'")
+        if not isinstance(sub, str) or not sub or not _utf8(sub) or _CONTROL.search(sub):
+            # The subject goes to the upstream in a header: text without control characters.
+            raise AuthError(R.INVALID_CLAIM, f"the token has no valid string '{names.subject}'")
         acr = _strings(claims, names.acr, "acr")
         amr = _strings(claims, names.amr, "amr")
         auth_time = _claim(claims, names.auth_time)

@@ -80,6 +80,7 @@ class OperationIndex(Generic[T]):
 
     def __init__(self, cache_size: int = 8192) -> None:
         self._root: _Node[T] = _Node()
+        self.methods: set[str] = set()  # the methods patterns name (not `*`)
         # Lookups are pure functions of (method, path): memoise the hot ones, bounded in entries
         # and, since only short keys are memoised, in bytes (methods are at most MAX_METHOD long).
         # The memos wrap functions of the root node, not bound methods: no reference cycle, so a
@@ -95,6 +96,8 @@ class OperationIndex(Generic[T]):
     def add(self, pattern: Pattern, value: T) -> list[T]:
         """Add a value; returns the values already stored under the very same pattern. Call only
         while building (lookups are memoised)."""
+        if pattern.method != ANY_METHOD:
+            self.methods.add(pattern.method)
         node = self._root
         segs = pattern.segments
         for i, seg in enumerate(segs):
@@ -293,6 +296,7 @@ class Tables:
     ) -> None:
         self._sensitivity = sensitivity
         self._permissions = permissions
+        self.methods = frozenset(sensitivity.methods | permissions.methods)
 
     def dismantle(self) -> None:
         self._sensitivity.dismantle()

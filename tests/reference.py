@@ -133,7 +133,18 @@ class Reference:
             return RefAnswer("deny", 400, bad[0], "invalid_request", also=tuple(bad[1:]))
         path = self.canonical_path(raw_path)
         assert path is not None
+        # README: a trailing slash is decided under both readings (`/x/` and `/x`, since
+        # frameworks disagree); allowed only if both allow, else the first that does not.
+        first = self.operation(req, method, path, headers)
+        if path != "/" and path.endswith("/") and first.outcome == "allow":
+            second = self.operation(req, method, path[:-1], headers)
+            if second.outcome != "allow":
+                return second
+        return first
 
+    def operation(self, req: Any, method: str, path: str, headers: list[tuple[str, bytes]]) -> RefAnswer:
+        """Steps 1 to 6 for one reading of the operation."""
+        attrs = req.attributes
         # Step 1: the sensitivity table.
         table_level = self.sensitivity_level(method, path)
         if table_level is None:
@@ -306,6 +317,11 @@ class Reference:
         reasons = []
         if not self.method_ok(method):
             reasons.append("invalid_method")
+        elif method != method.upper() and method not in self.named_methods():
+            # README: a case variant of a method is refused unless the policy names it exactly.
+            reasons.append("invalid_method")
+        if self.method_override(raw_path, headers):
+            reasons.append("invalid_method")
         if self.canonical_path(raw_path) is None:
             reasons.append("invalid_path")
         if not self.headers_ok(headers):
@@ -313,6 +329,26 @@ class Reference:
         if self.headers_ok(headers) and self.authorization_ambiguous(headers):
             reasons.append("ambiguous_credentials")
         return reasons
+
+    def named_methods(self) -> set[str]:
+        out = set()
+        for rule in [*self.doc["sensitivity"]["rules"], *self.doc["permissions"]]:
+            for pattern in rule["match"]:
+                if " " in pattern:
+                    m = pattern.split(" ", 1)[0]
+                    if m != "*":
+                        out.add(m)
+        return out
+
+    def method_override(self, raw_path: str, headers: list[tuple[str, bytes]]) -> bool:
+        """README: X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override, or `_method=` in the
+        query, are refused (frameworks would run the named method instead)."""
+        for name, _ in headers:
+            if name in ("x-http-method-override", "x-http-method", "x-method-override"):
+                return True
+        if "?" in raw_path and "_method=" in raw_path.split("?", 1)[1]:
+            return True
+        return False
 
     def method_ok(self, method: str) -> bool:
         # spec-issue8 "Method": 1 to 32 tchar, exactly as sent; `*` alone is the policy's wildcard.
@@ -406,9 +442,6 @@ class Reference:
                 return None
             if seg == "" and n != len(segments) - 1:
                 return None
-        # 6. One trailing '/' is ignored, except for "/" itself.
-        if text != "/" and text.endswith("/"):
-            text = text[:-1]
         return text
 
     # ============================================================================================
@@ -729,6 +762,8 @@ class Reference:
         sub = claim_at(claims, names["subject"])
         if not isinstance(sub, str) or sub == "" or not unicode_ok(sub):
             types_bad = True  # (a lone surrogate, read by a lenient parser, is no text either)
+        elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in sub):
+            types_bad = True  # README: the subject goes to a header: no control characters
         for kind in ("roles", "groups", "amr"):
             value = claim_at(claims, names[kind])
             if value is not None and not string_or_strings(value):
@@ -884,16 +919,23 @@ class Reference:
             return best
         if not self.doc["assurance"].get("amr_derivation", True):
             return None
+        if "0" in user["acr"]:
+            return None  # OIDC Core §2: acr "0" is explicitly no assurance
         amr = user["amr"]
         if not amr:
             return None
+        known = False
+        for m in amr:
+            if m == "mfa" or m in KNOWLEDGE or m in POSSESSION or m in INHERENCE:
+                known = True
+        if not known:
+            return None  # README: only RFC 8176 factor methods count (not `user`, `rba`, ...)
         classes = 0
         for members in (KNOWLEDGE, POSSESSION, INHERENCE):
             for m in members:
                 if m in amr:
                     classes += 1
                     break
-        # CHOICE: any amr value, registered in RFC 8176 or not, is "one method" (first level).
         level = 0
         if "mfa" in amr or classes >= 2:
             level = 1

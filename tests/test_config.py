@@ -207,3 +207,18 @@ def test_case_insensitive_paths_refuse_rules_that_differ_only_in_case(tmp_path: 
     with pytest.raises(PolicyError) as e:
         load_policy_text(text, file="p.yaml")
     assert "also claimed by rule 'health'" in str(e.value)
+
+
+def test_a_principal_prefix_that_does_not_end_at_a_slash_is_warned_about() -> None:
+    """`spiffe://cluster.local/ns/bank*` also grants `ns/bank-untrusted/...`."""
+    text = example_policy_text(
+        ('allow: {principals: ["spiffe://cluster.local/ns/bank/sa/ledger"]}',
+         'allow: {principals: ["spiffe://cluster.local/ns/bank*"]}'),
+    )
+    policy = load_policy_text(text, file="p.yaml")
+    assert any("does not end at a '/'" in w and "ledger-service" in w for w in policy.warnings)
+    ok = example_policy_text(
+        ('allow: {principals: ["spiffe://cluster.local/ns/bank/sa/ledger"]}',
+         'allow: {principals: ["spiffe://cluster.local/ns/bank/*"]}'),
+    )
+    assert not any("does not end" in w for w in load_policy_text(ok, file="p.yaml").warnings)

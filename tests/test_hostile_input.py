@@ -119,6 +119,9 @@ SIGNED = [
     ("sub an object", {"sub": {"id": 1}}, "invalid_claim"),
     ("sub a list", {"sub": ["alice"]}, "invalid_claim"),
     ("sub empty", {"sub": ""}, "invalid_claim"),
+    ("sub with CR LF (it goes to a header)", {"sub": "alice\r\nx-auth-assurance: aal3"}, "invalid_claim"),
+    ("sub with NUL", {"sub": "alice\u0000"}, "invalid_claim"),
+    ("sub a lone surrogate", {"sub": "\ud800"}, "invalid_claim"),
     ("roles an object", {"roles": {"teller": True}}, "invalid_claim"),
     ("roles a list of numbers", {"roles": [1, 2]}, "invalid_claim"),
     ("roles a list holding a list", {"roles": [["teller"]]}, "invalid_claim"),
@@ -212,3 +215,12 @@ def test_odd_principals_are_just_principals(handler: Handler, principal: str) ->
 def test_odd_source_addresses_count_as_untrusted(handler: Handler, source: str) -> None:
     teller = make_token()
     assert answer(handler.check(check_request(BALANCE, token=teller, source=source))) == (401, "acr_too_low")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 1e300])
+def test_jwt_authn_metadata_with_non_finite_numbers_is_an_invalid_claim(handler: Handler, value: float) -> None:
+    """A google.protobuf.Struct can hold NaN and Infinity (json_format refuses to convert them)."""
+    meta = {"iss": ISSUER, "aud": "bank-api", "sub": "carol", "exp": value, "roles": ["teller"]}
+    assert answer(handler.check(check_request(BALANCE, jwt_payload=meta))) == (401, "invalid_claim")
+    meta = {"iss": ISSUER, "aud": "bank-api", "sub": "carol", "exp": NOW + 60, "auth_time": value}
+    assert answer(handler.check(check_request(BALANCE, jwt_payload=meta))) == (401, "invalid_claim")

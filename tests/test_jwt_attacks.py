@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from joserfc.jwk import RSAKey, import_key
 
 from sidecar.attributes import from_check_request
-from sidecar.config import load_policy_text
+from sidecar.config import PolicyError, load_policy_text
 from sidecar.engine import Engine
 from tests.helpers import ACR_PHR, EXAMPLE_POLICY, ISSUER, NOW, PRIVATE_JWK, check_request, make_token
 
@@ -78,8 +78,30 @@ def two_issuers(tmp_path_factory: pytest.TempPathFactory) -> Engine:
             },
         }
     )
+    for perm in doc["permissions"]:  # both issuers' roles count (a policy must say so)
+        if {"roles", "scopes", "users", "groups"} & perm["allow"].keys():
+            perm["allow"]["issuers"] = ["dev", "partner"]
     text = yaml.safe_dump(doc)
     return Engine(load_policy_text(text, file="<two-issuers>", base_dir=EXAMPLE_POLICY.parent))
+
+
+def test_with_two_issuers_roles_must_say_whose(tmp_path: Path) -> None:
+    """A partner IdP's `admin` is not ours: with more than one issuer, a rule naming roles (users,
+    groups, scopes) without `issuers` is refused at load, with the place and the fix."""
+    (tmp_path / "partner-jwks.json").write_text(json.dumps({"keys": [PARTNER_KEY.as_dict(private=False)]}))
+    doc = yaml.safe_load(EXAMPLE_POLICY.read_text())
+    doc["issuers"].append(
+        {"id": "partner", "issuer": PARTNER, "audiences": ["bank-api"],
+         "jwks_file": str(tmp_path / "partner-jwks.json"), "algorithms": ["RS256"],
+         "acr": {"aal1": {"accept": ["bronze"]}, "aal2": {"accept": ["silver"]},
+                 "aal2_phr": {"accept": ["gold"]}, "aal3": {"accept": ["platinum"]}}}
+    )
+    with pytest.raises(PolicyError) as e:
+        load_policy_text(yaml.safe_dump(doc), file="two.yaml", base_dir=EXAMPLE_POLICY.parent)
+    text = str(e.value)
+    assert "permissions[3].allow: with more than one issuer, roles must say whose" in text
+    assert "permissions[2].allow: with more than one issuer, roles and scopes must say whose" in text
+    assert "`issuers: [...]` (one of dev, partner)" in text
 
 
 def _decide(engine: Engine, token: str, path: str = TRANSFER) -> Any:

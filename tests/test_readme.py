@@ -68,7 +68,7 @@ def test_the_decision_table_documents_exactly_the_registered_reasons() -> None:
     its outcome and HTTP status, and every code the table names is registered."""
     from sidecar.reasons import REASONS
 
-    rows = [line for line in _table().splitlines() if re.match(r"\| (\d|–) \|", line)]
+    rows = [line for line in _table().splitlines() if re.match(r"\| (\d|\u2013) \|", line)]
     documented: dict[str, tuple[str, int]] = {}
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -81,8 +81,8 @@ def test_the_decision_table_documents_exactly_the_registered_reasons() -> None:
 
 
 def test_every_decision_is_built_from_a_registered_reason() -> None:
-    """No reason code is spelled outside sidecar/reasons.py: Decisions are made in exactly two
-    places, both from a Reason, and every AuthError names a registered one."""
+    """No reason code is spelled outside sidecar/reasons.py: Decisions are made in exactly three
+    places, each from a Reason, and every AuthError names a registered one."""
     decisions = []
     for path in (ROOT / "sidecar").glob("*.py"):
         for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -91,6 +91,7 @@ def test_every_decision_is_built_from_a_registered_reason() -> None:
             if "AuthError(" in line and "class AuthError" not in line and "except" not in line:
                 assert "AuthError(R." in line, f"{path.name}:{n}: {line.strip()}"
     assert sorted(decisions) == [
+        "engine.py:return Decision(",
         "engine.py:return Decision(",
         "server.py:return Decision(r.outcome, r.code, r.http_status, r.description, error=r.error)",
     ]

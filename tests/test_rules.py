@@ -93,6 +93,16 @@ VOCAB = build_issuer_acr(
         ((), ("hwk", "face", "pin", "mfa"), (1, "amr")),  # never the top level from amr
         (("unmapped",), (), (None, "")),
         ((), (), (None, "")),
+        # `user` is a presence test, not a factor (RFC 8176): a key tap without PIN is one factor
+        ((), ("pwd", "user"), (0, "amr")),
+        ((), ("hwk", "user"), (0, "amr")),
+        ((), ("pwd", "bio"), (0, "amr")),  # `bio` is no RFC 8176 value
+        # values that name no authentication factor derive no level at all
+        ((), ("rba",), (None, "")),
+        ((), ("",), (None, "")),
+        ((), ("user",), (None, "")),
+        # OIDC acr "0": explicitly no assurance, whatever amr says
+        (("0",), ("pwd", "otp"), (None, "")),
     ],
 )
 def test_level_from_acr_and_amr(

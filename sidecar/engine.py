@@ -112,7 +112,10 @@ class Engine:
             if not first.allowed:
                 return first
             second = self._operation(a, path[:-1], now)
-            return first if second.allowed else second
+            if not second.allowed:
+                return second
+            rules = tuple(dict.fromkeys((*first.matched_rules, *second.matched_rules)))
+            return replace(first, matched_rules=rules)  # allowed under both: name both rules
         return self._operation(a, path, now)
 
     def _operation(self, a: RequestAttributes, path: str, now: float) -> Decision:

@@ -525,10 +525,14 @@ def collect(
 # -- the property -------------------------------------------------------------------------------
 
 
-def _allowing_rules(o: Outcome) -> tuple[str | None, list[str]]:
+def _allowing_rules(o: Outcome) -> tuple[list[str], list[str]]:
     rules = (o.decision or {}).get("rules", [])
-    sens = [r[2:] for r in rules if r.startswith("s.")]
-    return (sens[0] if len(sens) == 1 else None), [r[2:] for r in rules if r.startswith("p.")]
+    return [r[2:] for r in rules if r.startswith("s.")], [r[2:] for r in rules if r.startswith("p.")]
+
+
+def most_specific_rule(method: str, path: str, *, fold: bool = False) -> str | None:
+    found = [(specificity(p), r) for r in PATTERNS if (p := best_pattern(r, method, path, fold=fold))]
+    return min(found)[1] if found else None
 
 
 def violations(o: Outcome) -> list[str]:
@@ -538,18 +542,21 @@ def violations(o: Outcome) -> list[str]:
         return ["no decision log line for the decision id the upstream received"]
     if o.decision["outcome"] != "allow":
         return [f"the upstream received a request the sidecar decided {o.decision['outcome']!r}"]
-    rule, perms = _allowing_rules(o)
-    if rule is None:
-        return [f"the decision names no single sensitivity rule: {o.decision['rules']}"]
+    sens, perms = _allowing_rules(o)
+    if not sens:
+        return [f"the decision names no sensitivity rule: {o.decision['rules']}"]
     method, decoded = o.received["method"], decode_for_routing(o.received["target"])
     views = readings(decoded)
     problems = structural_problems(decoded)
-    if not any(best_pattern(rule, method, v) for v in views):
-        problems.append(
-            f"rule {rule} ({' | '.join(PATTERNS[rule])}) does not match {method} {' or '.join(views)}"
-        )
-    for other, pattern, v in more_specific_rules(rule, method, views):
-        problems.append(f"more specific rule {other} ({pattern}) matches {method} {v}")
+    # Every reading the upstream may route on must have been decided under its own most
+    # specific rule (a trailing-slash path is decided under both readings, naming both rules).
+    for v in views:
+        best = most_specific_rule(method, v)
+        if best is not None and best not in sens:
+            pattern = best_pattern(best, method, v)
+            problems.append(f"more specific rule {best} ({pattern}) matches {method} {v}")
+    if not any(best_pattern(r, method, v) for r in sens for v in views):
+        problems.append(f"rules {sens} do not match {method} {' or '.join(views)}")
     for p in perms:
         if not any(best_pattern(p, method, v) for v in views):
             problems.append(
@@ -561,9 +568,10 @@ def violations(o: Outcome) -> list[str]:
 def advisories(o: Outcome) -> list[str]:
     """The advisory readings under which a rule more specific than the allowing one matches."""
     assert o.received is not None
-    rule, _ = _allowing_rules(o)
-    if rule is None:
+    sens, _ = _allowing_rules(o)
+    if not sens:
         return []
+    rule = sens[0]
     method, decoded = o.received["method"], decode_for_routing(o.received["target"])
     found = []
     for name, reading in ADVISORY.items():

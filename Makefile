@@ -42,5 +42,20 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/decide.py
 
+## Coverage-guided fuzzing of the in-process Check path (atheris; not part of `make test`).
+## FUZZ_SECONDS bounds the run; FUZZ_ARGS adds libFuzzer flags (e.g. -seed=1). The working corpus
+## stays in .fuzz/corpus, seeds are rebuilt each run; findings go to .fuzz/crashers/ (replay and
+## shrink them with `$(BIN)/python -m tests.fuzz.triage --minimize DIR`).
+.PHONY: fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_ARGS ?=
+fuzz: $(STAMP)
+	$(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/python -m pip install -q -c constraints.txt atheris
+	$(BIN)/python -m tests.fuzz.make_seeds .fuzz/seeds
+	mkdir -p .fuzz/corpus .fuzz/crashers
+	$(BIN)/python -m tests.fuzz.fuzz_check -max_total_time=$(FUZZ_SECONDS) -timeout=10 -max_len=65536 \
+		-artifact_prefix=.fuzz/crashers/ -print_final_stats=1 $(FUZZ_ARGS) .fuzz/corpus .fuzz/seeds
+	@n=$$(ls .fuzz/crashers | grep -vc '\.txt$$'); echo "fuzz: $$n input(s) in .fuzz/crashers/ (group them: $(BIN)/python -m tests.fuzz.triage)"
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

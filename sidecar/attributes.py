@@ -12,6 +12,8 @@ JWT_AUTHN_NAMESPACE = "envoy.filters.http.jwt_authn"
 _TOKEN68_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/"
 _BAD_HEADER_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTROL_BYTES = bytes([*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F])
+_NAME_FORBIDDEN = bytes([*range(0x00, 0x21), 0x7F])
+_BAD_NAME_CHARS = re.compile(r"[\x00-\x20\x7f]")
 MAX_HEADER_VALUE = 16 * 1024
 
 
@@ -78,18 +80,27 @@ def from_check_request(req: Any) -> RequestAttributes:
         elif "authorization" in headers:
             auth_values.append(headers["authorization"])
     joined = "".join(headers.values()).encode("utf-8", "surrogatepass")
+    names = "".join(headers).encode("utf-8", "surrogatepass")
     # bytes.translate is a C loop: the common (clean) case costs well under a microsecond.
-    if len(joined) > MAX_HEADER_VALUE or len(joined.translate(None, _CONTROL_BYTES)) != len(joined):
-        # Rare path: find which header is oversized or carries control characters (tab is fine).
+    if (
+        len(joined) > MAX_HEADER_VALUE
+        or len(joined.translate(None, _CONTROL_BYTES)) != len(joined)
+        or len(names.translate(None, _NAME_FORBIDDEN)) != len(names)
+    ):
+        # Rare path: find which header is oversized or carries control characters (tab is fine
+        # in a value; a name has neither controls nor whitespace).
         for key, value in headers.items():
             if len(value) > MAX_HEADER_VALUE:
                 header_problem = f"header {key[:64]!r} is too large"
             elif _BAD_HEADER_CHARS.search(value):
                 header_problem = f"header {key[:64]!r} has control characters"
+            elif _BAD_NAME_CHARS.search(key):
+                header_problem = "a header name has control characters or whitespace"
 
     bearer, auth_problem = _bearer(auth_values)
 
-    raw_path = http.path or headers.get(":path", "")
+    # One source of truth: Envoy always fills `method` and `path`; pseudo-headers are ignored.
+    raw_path = http.path
     try:
         path, path_error = normalize_path(raw_path), ""
     except PathError as e:
@@ -109,7 +120,7 @@ def from_check_request(req: Any) -> RequestAttributes:
     )
     source = attrs.source
     return RequestAttributes(
-        method=http.method or headers.get(":method", ""),  # case-sensitive (RFC 9110 §9.1)
+        method=http.method,  # case-sensitive (RFC 9110 §9.1)
         raw_path=raw_path,
         path=path,
         path_error=path_error,

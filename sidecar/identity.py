@@ -195,7 +195,9 @@ class Authenticator:
         if isinstance(aud, str):
             ok = aud in cfg.audiences
         elif isinstance(aud, list):
-            ok = any(isinstance(a, str) and a in cfg.audiences for a in aud)
+            if not all(isinstance(a, str) for a in aud):  # RFC 7519 §4.1.3: strings
+                raise AuthError(R.INVALID_CLAIM, "'aud' holds something other than strings")
+            ok = any(a in cfg.audiences for a in aud)
         elif aud is None:
             ok = False
         else:
@@ -358,13 +360,42 @@ def _utf8(s: str) -> bool:
     return True
 
 
+MAX_JSON_DEPTH = 64  # nesting of a token's header or payload (real claims nest a few levels)
+
+
 def _json(raw: bytes | str) -> Any:
-    """json.loads for untrusted input: any failure (bad JSON, bad UTF-8, nesting deeper than the
-    parser's recursion limit) is a malformed token."""
+    """json.loads for untrusted input: strict UTF-8 (no byte-order mark, no surrogates smuggled
+    in), nesting at most MAX_JSON_DEPTH; any failure is a malformed token."""
     try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(text) > MAX_JSON_DEPTH:
+            raise ValueError("nested too deeply")
+        return json.loads(text)
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise AuthError(R.MALFORMED_TOKEN, "the token is not well-formed JSON") from None
+
+
+def _depth(text: str) -> int:
+    """The deepest nesting of arrays and objects, brackets inside strings not counted (rare path:
+    only for texts with many brackets)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _b64json(part: str) -> Any:

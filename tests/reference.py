@@ -85,7 +85,7 @@ B64URL = ALPHA + DIGIT + "-_"
 # CHOICE: the reference's JSON parser refuses nesting deeper than this. The spec says "nested
 # deeper than the JSON parser allows -> malformed_token" without a number; the property test only
 # generates depths far below (20) or far above (5000) any usual parser limit.
-MAX_JSON_DEPTH = 256
+MAX_JSON_DEPTH = 64  # README: a token's JSON nests at most 64 levels
 TWO_53 = 2**53
 
 # RFC 8176 authentication method reference values, by factor class (DESIGN §3, README
@@ -364,8 +364,14 @@ class Reference:
 
         A field value may hold VCHAR, SP, HTAB and obs-text (RFC 9110 §5.5); CHOICE: any other
         control byte (NUL, CR, LF, ...), DEL, or a value that is not valid UTF-8, in any header,
-        refuses the request with `invalid_header`. CHOICE: no length limit (the spec states none;
-        Envoy enforces its own header size limits before the sidecar is asked)."""
+        refuses the request with `invalid_header`. README: a header over 16 KiB is refused too
+        (for a repeated header, its comma-joined value)."""
+        sizes: dict[str, int] = {}
+        for name, raw in headers:
+            sizes[name] = sizes.get(name, -1) + 1 + len(raw)
+        for size in sizes.values():
+            if size > 16 * 1024:
+                return False
         for name, raw in headers:
             for ch in name:
                 if ord(ch) < 0x21 or ord(ch) == 0x7F:
@@ -578,7 +584,7 @@ class Reference:
         values = self.header_values(headers, "authorization")
         if not values:
             return {"kind": "none"}
-        value = values[0]  # step 0: at most one
+        value = values[0].strip(" \t")  # step 0: at most one; RFC 9110 §5.5: OWS is no part of it
         if " " in value:
             scheme, rest = value.split(" ", 1)
         else:
@@ -632,6 +638,8 @@ class Reference:
         verify, then check the claims. Reasons in the order an expert checks them; every problem
         found is listed (the first one is the reference's answer, the rest are `also`)."""
         bad = {"kind": "bad", "reasons": ["malformed_token"]}
+        if len(token) > 8 * 1024:
+            return bad  # README: tokens are at most 8 KiB
         for ch in token:
             if ch not in B64TOKEN + ".=":
                 return bad
@@ -974,7 +982,7 @@ class Reference:
         if "outside_hours" in when:
             spec = when["outside_hours"]
             local = datetime.fromtimestamp(self.now, ZoneInfo(spec["timezone"]))
-            if DAYS[local.weekday()] not in spec["days"]:
+            if DAYS[local.weekday()] not in spec.get("days", DAYS):
                 return True
             minute = local.hour * 60 + local.minute
             start = hhmm(spec["from"])

@@ -28,8 +28,9 @@ from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 
 from sidecar import response  # noqa: E402
 from sidecar.attributes import from_check_request  # noqa: E402
-from sidecar.config import load_policy  # noqa: E402
-from sidecar.engine import Engine, Policy  # noqa: E402
+from sidecar.compiler import load_policy  # noqa: E402
+from sidecar.engine import Engine  # noqa: E402
+from sidecar.policy import Policy  # noqa: E402
 from sidecar.server import new_decision_id  # noqa: E402
 from sidecar.telemetry import Metrics, Telemetry  # noqa: E402
 from tests.helpers import ACR_PHR, EXAMPLE_POLICY, check_request, make_token  # noqa: E402
@@ -117,7 +118,7 @@ def run(policy: Policy, label: str, n: int, rounds: int, gen: int) -> None:
             dd = engine.decide(a, time.time())
             did = new_decision_id()
             if dd.allowed:
-                resp = response.allow(dd, did, policy.levels, policy.upstream_headers)
+                resp = response.allow(dd, did, policy.upstream_headers)
             else:
                 resp = response.deny(dd, did, policy.realm, a.is_grpc)
             tel.record(
@@ -125,7 +126,6 @@ def run(policy: Policy, label: str, n: int, rounds: int, gen: int) -> None:
                 attrs=a,
                 decision_id=did,
                 policy_version=policy.version,
-                level_names=policy.levels,
                 start_ns=start,
                 parent=tel.parent(a.headers),
             )
@@ -136,9 +136,7 @@ def run(policy: Policy, label: str, n: int, rounds: int, gen: int) -> None:
         t_decide = median_us(lambda attrs=attrs, now=now: engine.decide(attrs, now), n, rounds)
         if d.allowed:
             t_resp = median_us(
-                lambda d=d: response.allow(
-                    d, "x", policy.levels, policy.upstream_headers
-                ).SerializeToString(),
+                lambda d=d: response.allow(d, "x", policy.upstream_headers).SerializeToString(),
                 n,
                 rounds,
             )

@@ -39,6 +39,9 @@ class Decision:
     max_age: int | None = None
     scope: tuple[str, ...] = ()
     path: str = ""
+    # Level names, so that the edges (response, log, span, explain) need no policy to print them.
+    required_assurance: str = ""
+    presented_assurance: str = ""
 
     @property
     def allowed(self) -> bool:

@@ -9,71 +9,31 @@ Pure: no I/O, no protobuf. The clock comes in as an argument.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from sidecar import reasons as R
 from sidecar.assurance import Requirement, Shortfall, shortfall
 from sidecar.attributes import RequestAttributes
 from sidecar.decision import Decision
-from sidecar.identity import Authenticator, AuthError, Identity, IssuerConfig
+from sidecar.identity import AuthError, Identity
 from sidecar.paths import valid_method
-from sidecar.policy import SubjectView, Tables
+from sidecar.policy import LevelSpec, Policy, SubjectView
 from sidecar.reasons import Reason
-from sidecar.risk import RiskRule
-
-
-@dataclass(frozen=True, slots=True)
-class LevelSpec:
-    """One sensitivity level of the policy."""
-
-    name: str
-    public: bool
-    min_level: int | None
-    max_age: int | None
-    required_amr: frozenset[str]
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamHeaders:
-    subject: str = "x-auth-subject"
-    issuer: str = "x-auth-issuer"
-    assurance: str = "x-auth-assurance"
-    decision_id: str = "x-auth-decision-id"
-
-    def names(self) -> tuple[str, ...]:
-        return (self.subject, self.issuer, self.assurance, self.decision_id)
-
-
-@dataclass(frozen=True)
-class Policy:
-    """A loaded, validated, compiled policy. Immutable: a reload builds a new one."""
-
-    name: str
-    version: str
-    realm: str
-    source: str
-    levels: tuple[str, ...]
-    skew: int
-    tables: Tables
-    sensitivity_levels: dict[str, LevelSpec]
-    context_extension_key: str
-    case_sensitive_paths: bool
-    risk_rules: tuple[RiskRule, ...]
-    issuers: tuple[IssuerConfig, ...]
-    authenticator: Authenticator
-    upstream_headers: UpstreamHeaders
-    warnings: tuple[str, ...] = ()
-    files: tuple[str, ...] = ()  # other files the policy was read from (JWKS), watched for changes
+from sidecar.tokens import Verifier
 
 
 class Engine:
     """Decides one request against one policy."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, verifier: Verifier | None = None) -> None:
+        """`verifier`: the process's verified-token cache (shared by every policy); a private one
+        when none is given."""
         self.policy = policy
-        self._auth = policy.authenticator
+        self.verifier = verifier if verifier is not None else Verifier()
+        self._ids = policy.identities
         self._issuers = {i.id: i for i in policy.issuers}
+        self._levels = policy.levels
 
     def decide(self, a: RequestAttributes, now: float) -> Decision:
         p = self.policy
@@ -125,6 +85,8 @@ class Engine:
         sensitivity = ""
 
         def out(r: Reason, text: str = "", **kw: Any) -> Decision:
+            req: Requirement | None = kw.get("requirement")
+            ident: Identity | None = kw.get("identity")
             return Decision(
                 r.outcome,
                 r.code,
@@ -134,6 +96,8 @@ class Engine:
                 matched_rules=tuple(matched),
                 sensitivity=sensitivity,
                 path=a.path,
+                required_assurance=self._name(req.min_level if req is not None else None),
+                presented_assurance=self._name(ident.level if ident is not None else None),
                 **kw,
             )
 
@@ -196,14 +160,17 @@ class Engine:
 
     # -- steps ------------------------------------------------------------------------------
 
+    def _name(self, level: int | None) -> str:
+        return self._levels[level] if level is not None else ""
+
     def _identify(self, a: RequestAttributes, now: float) -> Identity | None:
-        ident = self._auth.from_jwt_authn(a.jwt_authn, a.principal, now) if a.jwt_authn else None
+        ident = self._ids.from_jwt_authn(a.jwt_authn, a.principal, now) if a.jwt_authn else None
         if ident is not None:
             return ident
         if a.auth_problem == "malformed_token":
             raise AuthError(R.MALFORMED_TOKEN, "the bearer token is malformed")
         if a.bearer:
-            return self._auth.from_bearer(a.bearer, a.principal, now)
+            return self._ids.from_bearer(a.bearer, self.verifier, a.principal, now)
         if a.principal:
             return Identity(credential="mtls", principal=a.principal)
         return None

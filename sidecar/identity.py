@@ -1,39 +1,29 @@
-"""Credentials -> a verified Identity (who is calling, how strongly they authenticated).
+"""Verified claims -> Identity (who is calling, how strongly they authenticated), per policy.
 
-Bearer JWTs are verified with joserfc against the issuer's keys; claims that Envoy's `jwt_authn`
-filter already verified are taken from the CheckRequest's metadata for issuers configured to trust
-it. Verified tokens are cached until they expire.
+Claims come from a bearer token verified by the process-wide `tokens.Verifier`, or from Envoy's
+`jwt_authn` metadata for issuers configured to trust it. Both get the same checks here, with the
+policy's issuers, audiences, claim names, acr vocabulary and clock skew. Mapped identities are
+remembered per policy (bounded), so the common call costs a dict lookup.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
-
-from joserfc import jws
-from joserfc.errors import (
-    BadSignatureError,
-    DecodeError,
-    InvalidKeyIdError,
-    JoseError,
-    MissingAlgorithmError,
-    UnsupportedAlgorithmError,
-)
 
 from sidecar import reasons as R
 from sidecar.assurance import IssuerAcr, level_from_claims
-from sidecar.jwks import KeyProvider
-from sidecar.reasons import Reason
+from sidecar.keys import KeyProvider
+from sidecar.tokens import MAX_TOKEN_BYTES, AuthError, BoundedCache, Trust, Verifier
 
-MAX_TOKEN_BYTES = 8 * 1024
+__all__ = ["MAX_TOKEN_BYTES", "AuthError", "ClaimNames", "Identity", "IdentityMapper", "IssuerConfig"]
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-CACHE_MAX_BYTES = 32 * 1024 * 1024  # the verified-token cache's budget (estimated bytes)
+MEMO_SIZE = 10_000
+MEMO_MAX_TTL = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,17 +72,9 @@ class Identity:
         return self.credential != "mtls"
 
 
-class AuthError(Exception):
-    """A credential that does not verify, with its registered reason."""
+class IdentityMapper:
+    """One policy's reading of claims. Pure but for the bounded memo of mapped identities."""
 
-    def __init__(self, reason: Reason, description: str = "") -> None:
-        super().__init__(description or reason.description)
-        self.reason = reason
-        self.code = reason.code
-        self.description = description or reason.description
-
-
-class Authenticator:
     def __init__(
         self,
         issuers: tuple[IssuerConfig, ...],
@@ -100,10 +82,13 @@ class Authenticator:
         n_levels: int,
         amr_derivation: bool,
         skew: int,
-        cache_size: int = 10_000,
-        cache_max_ttl: float = 300.0,
+        memo_size: int = MEMO_SIZE,
+        memo_max_ttl: float = MEMO_MAX_TTL,
     ) -> None:
         self._by_iss = {i.issuer: i for i in issuers if i.keys is not None}
+        self.trust: dict[str, Trust] = {
+            i.issuer: Trust(i.issuer, i.algorithms, i.keys) for i in issuers if i.keys is not None
+        }
         self._md_issuers = [i for i in issuers if i.jwt_authn_payload]
         self._md_keys = tuple(
             dict.fromkeys(i.jwt_authn_payload for i in self._md_issuers if i.jwt_authn_payload)
@@ -111,9 +96,8 @@ class Authenticator:
         self._n_levels = n_levels
         self._amr_derivation = amr_derivation
         self._skew = skew
-        self._max_ttl = cache_max_ttl
-
-        self._cache = _TokenCache(cache_size)
+        self._max_ttl = memo_max_ttl
+        self._memo: BoundedCache[Identity] = BoundedCache(memo_size)
 
     # -- jwt_authn metadata ----------------------------------------------------------------
 
@@ -140,51 +124,18 @@ class Authenticator:
 
     # -- bearer tokens ----------------------------------------------------------------------
 
-    def from_bearer(self, token: str, principal: str, now: float) -> Identity:
-        ident = self._cache.get(token, now)
+    def from_bearer(self, token: str, verifier: Verifier, principal: str, now: float) -> Identity:
+        """A bearer token: verified (or found verified) by `verifier`, then read by this policy."""
+        ident = self._memo.get(token, now)
         if ident is not None:
-            return ident if ident.principal == principal else _with_principal(ident, principal)
-        if len(token) > MAX_TOKEN_BYTES:
-            raise AuthError(R.MALFORMED_TOKEN, "token too large")
-        header, unverified = _peek(token)
-        alg = header.get("alg")
-        if not isinstance(alg, str) or not isinstance(header.get("kid", ""), str):
-            raise AuthError(R.MALFORMED_TOKEN, "the token's 'alg' or 'kid' is not a string")
-        iss = unverified.get("iss")
-        if not isinstance(iss, str):
-            raise AuthError(R.MALFORMED_TOKEN, "the token has no string 'iss'")
-        cfg = self._by_iss.get(iss)
-        if cfg is None:
-            raise AuthError(R.UNKNOWN_ISSUER, "the token's issuer is not trusted")
-        if alg not in cfg.algorithms:
-            raise AuthError(R.DISALLOWED_ALGORITHM, "the token's algorithm is not allowed for its issuer")
-        assert cfg.keys is not None
-        keyset = cfg.keys.keyset()
-        if keyset is None:
-            raise AuthError(R.UNKNOWN_KEY, "no verification keys are available")
-        try:
-            obj = jws.deserialize_compact(token, keyset, algorithms=list(cfg.algorithms))
-        except InvalidKeyIdError:
-            raise AuthError(R.UNKNOWN_KEY, "the token's signing key is not known") from None
-        except BadSignatureError:
-            raise AuthError(R.BAD_SIGNATURE, "the token's signature does not verify") from None
-        except (UnsupportedAlgorithmError, MissingAlgorithmError):
-            raise AuthError(R.DISALLOWED_ALGORITHM, "the token's algorithm is not allowed") from None
-        except DecodeError:
-            raise AuthError(R.MALFORMED_TOKEN, "the token is not a well-formed JWS") from None
-        except JoseError as e:  # any other refusal of the JWS by its form
-            raise AuthError(R.MALFORMED_TOKEN, f"the token is not an acceptable JWS ({e.error})") from None
-        except Exception:
-            raise AuthError(R.MALFORMED_TOKEN, "the token could not be decoded") from None
-        claims = _json(obj.payload)
-        if not isinstance(claims, dict):
-            raise AuthError(R.MALFORMED_TOKEN, "the token's payload is not a JSON object")
-        if claims.get("iss") != cfg.issuer:
-            raise AuthError(R.UNKNOWN_ISSUER, "the token's issuer is not trusted")
+            return ident if ident.principal == principal else replace(ident, principal=principal)
+        verified = verifier.verify(token, self.trust, now)
+        cfg = self._by_iss[verified.issuer]
+        claims = verified.claims
         self._check_audience(cfg, claims)
         exp = self._check_times(claims, now)
         ident = self._identity(cfg, claims, "bearer", principal, now)
-        self._cache.put(token, ident, min(exp + self._skew, now + self._max_ttl))
+        self._memo.put(token, ident, min(exp + self._skew, now + self._max_ttl), _cost(token, ident))
         return ident
 
     @staticmethod
@@ -260,55 +211,11 @@ class Authenticator:
         )
 
 
-class _TokenCache:
-    """Verified tokens -> Identity until they expire; bounded in entries and in bytes (a token is up
-    to MAX_TOKEN_BYTES, and its claims are kept too), oldest evicted first. A plain dict: lookups
-    sit on the hot path and must cost well under a microsecond."""
-
-    def __init__(self, maxsize: int, max_bytes: int = CACHE_MAX_BYTES) -> None:
-        self._maxsize = maxsize
-        self._max_bytes = max_bytes
-        self._bytes = 0
-        self._d: dict[str, tuple[Identity, float, int]] = {}
-
-    def get(self, token: str, now: float) -> Identity | None:
-        hit = self._d.get(token)
-        if hit is None:
-            return None
-        if now >= hit[1]:
-            self._drop(token)
-            return None
-        return hit[0]
-
-    def put(self, token: str, ident: Identity, expires: float) -> None:
-        cost = _cost(token, ident)
-        self._drop(token)
-        while self._d and (len(self._d) >= self._maxsize or self._bytes + cost > self._max_bytes):
-            self._drop(next(iter(self._d)))
-        self._d[token] = (ident, expires, cost)
-        self._bytes += cost
-
-    def _drop(self, token: str) -> None:
-        hit = self._d.pop(token, None)
-        if hit is not None:
-            self._bytes -= hit[2]
-
-    @property
-    def bytes(self) -> int:
-        return self._bytes
-
-
 def _cost(token: str, ident: Identity) -> int:
     """An upper estimate of what one entry holds: the token, the identity and its strings."""
     strings = sum(len(x) for x in (*ident.roles, *ident.groups, *ident.scopes, *ident.acr, *ident.amr))
     n = len(ident.roles) + len(ident.groups) + len(ident.scopes) + len(ident.acr) + len(ident.amr)
     return 2 * len(token) + 2 * (len(ident.subject) + len(ident.issuer) + strings) + 80 * n + 1024
-
-
-def _with_principal(ident: Identity, principal: str) -> Identity:
-    from dataclasses import replace
-
-    return replace(ident, principal=principal)
 
 
 _MAX_TIME = 2**53  # beyond this a JSON number is no time: float arithmetic would fail or round
@@ -358,60 +265,3 @@ def _utf8(s: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-MAX_JSON_DEPTH = 64  # nesting of a token's header or payload (real claims nest a few levels)
-
-
-def _json(raw: bytes | str) -> Any:
-    """json.loads for untrusted input: strict UTF-8 (no byte-order mark, no surrogates smuggled
-    in), nesting at most MAX_JSON_DEPTH; any failure is a malformed token."""
-    try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(text) > MAX_JSON_DEPTH:
-            raise ValueError("nested too deeply")
-        return json.loads(text)
-    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise AuthError(R.MALFORMED_TOKEN, "the token is not well-formed JSON") from None
-
-
-def _depth(text: str) -> int:
-    """The deepest nesting of arrays and objects, brackets inside strings not counted (rare path:
-    only for texts with many brackets)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
-
-
-def _b64json(part: str) -> Any:
-    try:
-        raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-    except (binascii.Error, ValueError):
-        raise AuthError(R.MALFORMED_TOKEN, "the token is not a well-formed JWT") from None
-    return _json(raw)
-
-
-def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read header and payload WITHOUT verifying, only to choose the issuer's keys."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise AuthError(R.MALFORMED_TOKEN, "the token is not a compact JWS (three parts)")
-    header, payload = _b64json(parts[0]), _b64json(parts[1])
-    if not isinstance(header, dict) or not isinstance(payload, dict):
-        raise AuthError(R.MALFORMED_TOKEN, "the token is not a well-formed JWT")
-    return header, payload

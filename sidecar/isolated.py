@@ -8,7 +8,8 @@ process for hundreds of milliseconds. So a reload:
    FILE`), which reports every problem with its file, line and column, or writes the validated
    document as JSON, one line per rule;
 2. reads those lines back in the serving process, each a small `json.loads`, and compiles them
-   (`config.load_policy_data`): Python code that lets the GIL go every switch interval;
+   (`compiler.load_policy_data`, against the serving process's key store): Python code that
+   lets the GIL go every switch interval;
 3. keeps the cyclic garbage collector off meanwhile and, once the new policy serves, freezes the
    heap out of it (`gc.freeze`), so no collection ever walks the policy's millions of objects.
    Compiled policies hold no reference cycles, so a replaced one is freed by reference counting.
@@ -28,9 +29,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from sidecar.config import PolicyError, Problem, content_digest, load_policy_data, validated_data
-from sidecar.engine import Policy
-from sidecar.jwks import Fetcher, urllib_fetch
+from sidecar.compiler import compile_document, load_policy_data
+from sidecar.keys import KeyStore
+from sidecar.policy import Policy
+from sidecar.policyfile import PolicyError, Problem, content_digest, parse_text
 
 CHILD_TIMEOUT = 300.0  # seconds; a policy that takes longer to validate is refused
 _GC_LOCK = threading.Lock()
@@ -39,11 +41,12 @@ _GC_LOCK = threading.Lock()
 def load_isolated(
     path: str | Path,
     *,
-    fetch: Fetcher = urllib_fetch,
+    keys: KeyStore | None = None,
     allow_insecure_jwks_http: bool = False,
     python: str = sys.executable,
 ) -> Policy:
-    """Like `config.load_policy`, for a process that is serving: see the module docstring.
+    """Like `compiler.load_policy` (but not primed: the caller primes against `keys`), for a
+    process that is serving: see the module docstring.
     Call it from a worker thread (it blocks). Raises PolicyError listing every problem."""
     path = Path(path)
     argv = [python, "-m", "sidecar.isolated", str(path)]
@@ -73,7 +76,7 @@ def load_isolated(
                 file=str(path),
                 base_dir=path.parent,
                 digest=head["digest"],
-                fetch=fetch,
+                keys=keys if keys is not None else KeyStore(),
                 allow_insecure_jwks_http=allow_insecure_jwks_http,
             )
             del data, lines
@@ -157,8 +160,6 @@ def _failed(
     return Problem(str(path), 1, 1, "", f"the policy validator exited with {proc.returncode}: {tail}")
 
 
-def _no_fetch(url: str, timeout: float) -> bytes:
-    raise OSError("not fetched while validating")
 
 
 def _child(argv: list[str], out: IO[bytes]) -> int:
@@ -166,9 +167,12 @@ def _child(argv: list[str], out: IO[bytes]) -> int:
     insecure = "--allow-insecure-jwks-http" in argv[1:]
     try:
         text = path.read_text(encoding="utf-8")
-        data = validated_data(
-            text, file=str(path), base_dir=path.parent, fetch=_no_fetch, allow_insecure_jwks_http=insecure
+        doc = parse_text(text, str(path))
+        # Compiled to find every problem; a key store of its own that fetches nothing.
+        compile_document(
+            doc, base_dir=path.parent, digest="", keys=KeyStore(), allow_insecure_jwks_http=insecure
         )
+        data: dict[str, Any] = doc.data
     except PolicyError as e:
         problems = [
             {"file": p.file, "line": p.line, "column": p.column, "where": p.where, "message": p.message}

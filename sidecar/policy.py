@@ -1,4 +1,5 @@
-"""The compiled permission and sensitivity tables: pure lookup, no I/O, no protobuf.
+"""A compiled Policy and the permission and sensitivity tables it is made of: pure lookup, no I/O,
+no protobuf.
 
 Operation patterns are compiled at load into a segment trie, so a lookup walks the request path's
 segments once (with at most three branches per segment: exact, `*`, `**`) whatever the number of
@@ -10,9 +11,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from sidecar.paths import PathError, normalize_path, valid_method
+
+if TYPE_CHECKING:
+    from sidecar.identity import IdentityMapper, IssuerConfig
+    from sidecar.risk import RiskRule
 
 T = TypeVar("T")
 ANY_METHOD = "*"
@@ -337,3 +342,50 @@ def build_index(
                 pos, f"pattern {text!r} is also claimed by rule {unique(before[0])!r}: ties are not allowed"
             )
     return index
+
+
+# --- the policy ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LevelSpec:
+    """One sensitivity level of the policy."""
+
+    name: str
+    public: bool
+    min_level: int | None
+    max_age: int | None
+    required_amr: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamHeaders:
+    subject: str = "x-auth-subject"
+    issuer: str = "x-auth-issuer"
+    assurance: str = "x-auth-assurance"
+    decision_id: str = "x-auth-decision-id"
+
+    def names(self) -> tuple[str, ...]:
+        return (self.subject, self.issuer, self.assurance, self.decision_id)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A loaded, validated, compiled policy. Immutable: a reload builds a new one."""
+
+    name: str
+    version: str
+    realm: str
+    source: str
+    levels: tuple[str, ...]
+    skew: int
+    tables: Tables
+    sensitivity_levels: dict[str, LevelSpec]
+    context_extension_key: str
+    case_sensitive_paths: bool
+    risk_rules: tuple[RiskRule, ...]
+    issuers: tuple[IssuerConfig, ...]
+    identities: IdentityMapper
+    upstream_headers: UpstreamHeaders
+    warnings: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()  # other files the policy was read from (JWKS), watched for changes

@@ -12,7 +12,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from sidecar.decision import Decision
-from sidecar.engine import UpstreamHeaders
+from sidecar.policy import UpstreamHeaders
 
 ERROR_DOMAIN = "stepup-sidecar"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -44,15 +44,15 @@ def _q(s: str) -> str:
     return s.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def allow(d: Decision, decision_id: str, level_names: tuple[str, ...], hdrs: UpstreamHeaders) -> Any:
+def allow(d: Decision, decision_id: str, hdrs: UpstreamHeaders) -> Any:
     """OK: identity headers overwrite anything the client sent; those we do not set are removed."""
     values: dict[str, str] = {hdrs.decision_id: decision_id}
     ident = d.identity
     if ident is not None and ident.is_user:
         values[hdrs.subject] = ident.subject
         values[hdrs.issuer] = ident.issuer
-        if ident.level is not None:
-            values[hdrs.assurance] = level_names[ident.level]
+        if d.presented_assurance:
+            values[hdrs.assurance] = d.presented_assurance
     resp = external_auth_pb2.CheckResponse()
     resp.status.code = code_pb2.OK
     ok = resp.ok_response

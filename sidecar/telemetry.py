@@ -13,7 +13,9 @@ import queue
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Mapping
+from pathlib import Path
 from typing import IO, Any
 
 from opentelemetry import trace
@@ -35,6 +37,14 @@ from sidecar.decision import Decision
 from sidecar.paths import valid_method
 
 log = logging.getLogger("stepup")
+
+
+def log_internal_error(what: str, e: BaseException, **extra: Any) -> None:
+    """Log an unexpected exception WITHOUT its message or locals: a message can quote request
+    content (a claim, a header). The type and the innermost frames say where it happened."""
+    frames = traceback.extract_tb(e.__traceback__)[-3:]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+    log.error("%s", what, extra={"error": type(e).__name__, "where": where, **extra})
 
 SPAN_NAME = "ext_authz.check"
 EXPLAIN_SPAN_NAME = "stepup.explain"
@@ -288,13 +298,12 @@ class Telemetry:
         attrs: RequestAttributes | None,
         decision_id: str,
         policy_version: str,
-        level_names: tuple[str, ...],
         start_ns: int,
         parent: Context | None,
         error: BaseException | None = None,
         explain: bool = False,
     ) -> None:
-        fields = decision_fields(decision, decision_id, policy_version, level_names)
+        fields = decision_fields(decision, decision_id, policy_version)
         # The method is request content: only a valid method token goes to the span and the log.
         method = attrs.method if attrs is not None and valid_method(attrs.method) else ""
         ctx: trace.SpanContext | None = None
@@ -361,18 +370,10 @@ class Telemetry:
             self.provider.shutdown()
 
 
-def decision_fields(
-    d: Decision, decision_id: str, policy_version: str, level_names: tuple[str, ...]
-) -> dict[str, Any]:
+def decision_fields(d: Decision, decision_id: str, policy_version: str) -> dict[str, Any]:
     """The fields shared by span (as authz.<name>) and decision log. Nothing secret goes here."""
     req = d.requirement
     ident = d.identity
-    required = ""
-    if req is not None and req.min_level is not None:
-        required = level_names[req.min_level]
-    presented = ""
-    if ident is not None and ident.level is not None:
-        presented = level_names[ident.level]
     return {
         "decision_id": decision_id,
         "outcome": d.outcome.value,
@@ -380,10 +381,10 @@ def decision_fields(
         "http_status": d.http_status,
         "rules": list(d.matched_rules),
         "sensitivity": d.sensitivity,
-        "required_assurance": required,
+        "required_assurance": d.required_assurance,
         "required_max_age": req.max_age if req is not None and req.max_age is not None else -1,
         "risk_rules": list(req.risk_rules) if req is not None else [],
-        "presented_assurance": presented,
+        "presented_assurance": d.presented_assurance,
         "subject": ident.subject if ident is not None else "",
         "issuer": ident.issuer if ident is not None else "",
         "principal": ident.principal if ident is not None else "",

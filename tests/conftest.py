@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.config import load_policy
-from sidecar.engine import Engine, Policy
+from sidecar.compiler import load_policy
+from sidecar.engine import Engine
+from sidecar.policy import Policy
 from tests.helpers import EXAMPLE_POLICY
 
 

@@ -22,8 +22,9 @@ from google.protobuf import json_format
 
 from sidecar import response
 from sidecar.attributes import from_check_request
-from sidecar.config import load_policy_text
-from sidecar.engine import Engine, Policy
+from sidecar.compiler import load_policy_text
+from sidecar.engine import Engine
+from sidecar.policy import Policy
 from tests.helpers import ACR_PHR, ACR_PHRH, EXAMPLE_POLICY, NOW, check_request, make_token
 from tests.test_server import Running
 
@@ -152,7 +153,7 @@ def test_corpus_in_process(case: dict[str, Any]) -> None:
     d = Engine(p).decide(attrs, NOW)
     assert (d.outcome.value, d.http_status, d.reason) == tuple(case["expect"])
     wire = (
-        response.allow(d, "0123456789abcdef", p.levels, p.upstream_headers)
+        response.allow(d, "0123456789abcdef", p.upstream_headers)
         if d.allowed
         else response.deny(d, "0123456789abcdef", p.realm, attrs.is_grpc)
     )
@@ -170,10 +171,10 @@ def server() -> Iterator[Running]:
 def test_corpus_through_grpc(server: Running, case: dict[str, Any]) -> None:
     """The same answer over a real gRPC channel (serialisation, servicer, telemetry)."""
     req = build(case)
-    server.decider.swap(policy(case.get("policy", "example")))
+    server.runtime.swap(policy(case.get("policy", "example")))
     try:
         wire = server.check(req)
     finally:
-        server.decider.swap(policy("example"))
+        server.runtime.swap(policy("example"))
     assert_answer(case, wire, from_check_request(req).is_grpc)
     assert server.metrics.registry.get_sample_value("stepup_internal_errors_total") == 0

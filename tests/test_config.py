@@ -11,7 +11,8 @@ import jsonschema
 import pytest
 import yaml
 
-from sidecar.config import PolicyError, load_policy_text, schema
+from sidecar.compiler import PolicyError, load_policy_text
+from sidecar.policyfile import schema
 from tests.helpers import EXAMPLE_POLICY, example_policy_text
 
 KEYS = EXAMPLE_POLICY.parent / "keys" / "dev-jwks.json"

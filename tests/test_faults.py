@@ -26,9 +26,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from joserfc.jwk import RSAKey, import_key
 
 from examples.stack import free_port, wait_serving
-from sidecar.config import load_policy, load_policy_text
-from sidecar.jwks import RemoteKeys
-from sidecar.server import PolicyWatcher
+from sidecar.compiler import load_policy, load_policy_text
+from sidecar.keys import RemoteKeys
+from sidecar.runtime import PolicyWatcher
 from tests.helpers import ACR_PHRH, EXAMPLE_POLICY, PRIVATE_JWK, check_request, make_token
 from tests.test_server import Running
 
@@ -77,8 +77,8 @@ def test_policy_swapped_under_load_gives_only_right_answers(tmp_path: Path) -> N
     path.write_text(text_a)
     srv = Running()
     try:
-        srv.decider.swap(load_policy(path))
-        watcher = PolicyWatcher(path, srv.decider, interval=0.01)
+        srv.runtime.swap(load_policy(path))
+        watcher = PolicyWatcher(path, srv.runtime, interval=0.01)
         watching = asyncio.run_coroutine_threadsafe(watcher.run(), srv.loop)
         teller = make_token()
         # request -> the (status code, reason) each policy gives
@@ -380,7 +380,7 @@ def test_slow_jwks_refresh_does_not_block_decisions_for_cached_keys() -> None:
     rotated_req = check_request(BALANCE, token=make_token(header={"kid": "rotated-2"}, key=rotated))
     srv = Running()
     try:
-        srv.decider.swap(policy)
+        srv.runtime.swap(policy)
         stub = external_auth_pb2_grpc.AuthorizationStub(srv.channel)
         first = stub.Check(rotated_req, timeout=5)
         assert (first.status.code, first.status.message) == (16, "unknown_key")

@@ -18,8 +18,9 @@ import pytest
 import yaml
 from envoy.service.auth.v3 import external_auth_pb2
 
-from sidecar.config import load_policy_text
-from sidecar.server import AuthorizationServicer, Decider
+from sidecar.compiler import load_policy_text
+from sidecar.runtime import Runtime
+from sidecar.server import AuthorizationServicer
 from sidecar.telemetry import Metrics, Telemetry
 from tests.helpers import ACR_PHRH, EXAMPLE_POLICY, ISSUER, NOW, FixedClock, check_request, make_token
 from tests.test_jwt_attacks import DEV_HEADER, claims, sign
@@ -52,7 +53,7 @@ class Handler:
             policy_text or EXAMPLE_POLICY.read_text(), file="<policy>", base_dir=EXAMPLE_POLICY.parent
         )
         telemetry = Telemetry(None, decision_log=None, metrics=self.metrics)
-        self.servicer = AuthorizationServicer(Decider(policy, telemetry, FixedClock(NOW)))
+        self.servicer = AuthorizationServicer(Runtime(policy, telemetry, FixedClock(NOW)))
         self.loop = asyncio.new_event_loop()
 
     def check(self, req: Any) -> Any:

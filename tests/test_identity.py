@@ -12,9 +12,11 @@ import pytest
 from joserfc.jwk import ECKey, RSAKey
 
 from sidecar.attributes import from_check_request
-from sidecar.config import load_policy, load_policy_text
-from sidecar.engine import Engine, Policy
+from sidecar.compiler import load_policy, load_policy_text
+from sidecar.engine import Engine
 from sidecar.identity import AuthError
+from sidecar.policy import Policy
+from sidecar.tokens import Verifier
 from tests.helpers import (
     EXAMPLE_POLICY,
     NOW,
@@ -122,8 +124,11 @@ def test_bad_tokens_are_refused(engine: Engine, name: str, token: str, reason: s
 
 
 def test_good_token_yields_identity(example_policy: Policy) -> None:
-    ident = example_policy.authenticator.from_bearer(
-        make_token(sub="bob", roles=["teller", "auditor"], scope="payments read", amr=["pwd", "otp"]), "", NOW
+    ident = example_policy.identities.from_bearer(
+        make_token(sub="bob", roles=["teller", "auditor"], scope="payments read", amr=["pwd", "otp"]),
+        Verifier(),
+        "",
+        NOW,
     )
     assert ident.subject == "bob"
     assert ident.roles == {"teller", "auditor"}
@@ -135,35 +140,38 @@ def test_good_token_yields_identity(example_policy: Policy) -> None:
 def test_verified_tokens_are_cached_until_expiry() -> None:
     clock = FixedClock(NOW)
     policy = load_policy(EXAMPLE_POLICY)
-    auth = policy.authenticator
+    ids, verifier = policy.identities, Verifier()
     token = make_token(exp=NOW + 100)
-    first = auth.from_bearer(token, "", clock.now)
-    assert auth.from_bearer(token, "", clock.now) is first  # served from the cache
-    clock.now = NOW + 100 + 61  # past exp + skew: the cache entry expires too
+    first = ids.from_bearer(token, verifier, "", clock.now)
+    assert ids.from_bearer(token, verifier, "", clock.now) is first  # served from the memo
+    assert verifier.verifications == 1
+    clock.now = NOW + 100 + 61  # past exp + skew: the memo entry expires, the claims are refused
     with pytest.raises(AuthError) as e:
-        auth.from_bearer(token, "", clock.now)
+        ids.from_bearer(token, verifier, "", clock.now)
     assert e.value.code == "token_expired"
+    assert verifier.verifications == 1  # the signature was not checked again
 
 
 def test_cached_identity_takes_the_calls_own_principal(example_policy: Policy) -> None:
     token = make_token()
-    a = example_policy.authenticator.from_bearer(token, "spiffe://a", NOW)
-    b = example_policy.authenticator.from_bearer(token, "spiffe://b", NOW)
+    verifier = Verifier()
+    a = example_policy.identities.from_bearer(token, verifier, "spiffe://a", NOW)
+    b = example_policy.identities.from_bearer(token, verifier, "spiffe://b", NOW)
     assert (a.principal, b.principal) == ("spiffe://a", "spiffe://b")
 
 
 def test_entra_style_acrs_list_takes_the_strongest_mapped_value(tmp_path: Any) -> None:
     policy = load_policy_text(example_policy_text(("acr: acr", "acr: acrs")))
-    ident = policy.authenticator.from_bearer(
-        make_token(drop=("acr",), acrs=["urn:okta:loa:1fa:any", "phr"]), "", NOW
+    ident = policy.identities.from_bearer(
+        make_token(drop=("acr",), acrs=["urn:okta:loa:1fa:any", "phr"]), Verifier(), "", NOW
     )
     assert policy.levels[ident.level or 0] == "aal2_phr"
 
 
 def test_nested_claim_paths(tmp_path: Any) -> None:
     policy = load_policy_text(example_policy_text(("roles: roles", "roles: realm_access.roles")))
-    ident = policy.authenticator.from_bearer(
-        make_token(drop=("roles",), realm_access={"roles": ["teller"]}), "", NOW
+    ident = policy.identities.from_bearer(
+        make_token(drop=("roles",), realm_access={"roles": ["teller"]}), Verifier(), "", NOW
     )
     assert ident.roles == {"teller"}
 

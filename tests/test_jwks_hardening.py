@@ -26,9 +26,9 @@ from cryptography.x509.oid import NameOID
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from sidecar.attributes import from_check_request
-from sidecar.config import PolicyError, load_policy_text
+from sidecar.compiler import PolicyError, load_policy_text
 from sidecar.engine import Engine
-from sidecar.jwks import MAX_JWKS_BYTES, RemoteKeys, urllib_fetch
+from sidecar.keys import MAX_JWKS_BYTES, RemoteKeys, urllib_fetch
 from tests.helpers import EXAMPLE_POLICY, NOW, PRIVATE_JWK, check_request, example_policy_text, make_token
 
 BALANCE = "/bank.v1.Accounts/GetBalance"

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from joserfc.jwk import RSAKey, import_key
 
 from sidecar.attributes import from_check_request
-from sidecar.config import PolicyError, load_policy_text
+from sidecar.compiler import PolicyError, load_policy_text
 from sidecar.engine import Engine
 from tests.helpers import ACR_PHR, EXAMPLE_POLICY, ISSUER, NOW, PRIVATE_JWK, check_request, make_token
 

@@ -12,10 +12,10 @@ import pytest
 from joserfc.jwk import RSAKey
 
 from sidecar.attributes import from_check_request
-from sidecar.config import load_policy
+from sidecar.compiler import load_policy
 from sidecar.engine import Engine
-from sidecar.jwks import RemoteKeys
-from sidecar.server import Decider, PolicyWatcher
+from sidecar.keys import RemoteKeys
+from sidecar.runtime import PolicyWatcher, Runtime
 from sidecar.telemetry import Metrics, Telemetry
 from tests.helpers import EXAMPLE_POLICY, NOW, PRIVATE_JWK, FixedClock, check_request, make_token
 
@@ -68,18 +68,18 @@ def test_keys_are_fetched_at_load_and_cached(tmp_path: Path) -> None:
 def test_unknown_kid_triggers_one_rate_limited_refresh(tmp_path: Path) -> None:
     idp = FakeIdP(_public(PRIVATE_JWK))
     policy = _policy_with_url(tmp_path, idp, FixedClock(NOW))
-    decider = Decider(policy, Telemetry(None, decision_log=None, metrics=Metrics()), FixedClock(NOW))
+    runtime = Runtime(policy, Telemetry(None, decision_log=None, metrics=Metrics()), FixedClock(NOW))
     rotated_token = make_token(header={"kid": "rotated-2"}, key=ROTATED)
     remote = policy.issuers[0].keys
     assert isinstance(remote, RemoteKeys)
     remote._last_attempt = float("-inf")  # the load-time fetch does not count against the limit here
     idp.keys.append(_public(ROTATED.as_dict(private=False)))
-    ev = asyncio.run(decider.evaluate(check_request(BALANCE, token=rotated_token)))
+    ev = asyncio.run(runtime.evaluate(check_request(BALANCE, token=rotated_token)))
     assert ev.decision.reason == "allowed" and idp.fetches == 2
     # A flood of made-up kids does not hammer the IdP: at most one fetch per interval.
     for i in range(5):
         ev = asyncio.run(
-            decider.evaluate(check_request(BALANCE, token=make_token(header={"kid": f"bogus{i}"})))
+            runtime.evaluate(check_request(BALANCE, token=make_token(header={"kid": f"bogus{i}"})))
         )
         assert ev.decision.reason == "unknown_key"
     assert idp.fetches == 2
@@ -132,25 +132,25 @@ def _text(transfer_level: str = "high") -> str:
 def test_configmap_swap_reloads_or_keeps_last_good(tmp_path: Path, broken: str) -> None:
     _configmap(tmp_path, "v1", _text())
     metrics = Metrics()
-    decider = Decider(
+    runtime = Runtime(
         load_policy(tmp_path / "policy.yaml"), Telemetry(None, decision_log=None, metrics=metrics)
     )
-    watcher = PolicyWatcher(tmp_path / "policy.yaml", decider, interval=0.05)
-    v1 = decider.policy.version
+    watcher = PolicyWatcher(tmp_path / "policy.yaml", runtime, interval=0.05)
+    v1 = runtime.policy.version
 
     async def scenario() -> None:
         assert await watcher.check() is False  # nothing changed
         _configmap(tmp_path, "v2", broken)
         assert await watcher.check() is False
-        assert decider.policy.version == v1 and "policy.yaml" in watcher.last_error
+        assert runtime.policy.version == v1 and "policy.yaml" in watcher.last_error
         _configmap(tmp_path, "v3", _text("low"))
         assert await watcher.check() is True
-        assert decider.policy.version != v1 and watcher.last_error == ""
+        assert runtime.policy.version != v1 and watcher.last_error == ""
 
     asyncio.run(scenario())
     assert metrics.registry.get_sample_value("stepup_policy_reloads_total", {"result": "rejected"}) == 1
     assert metrics.registry.get_sample_value("stepup_policy_reloads_total", {"result": "applied"}) == 1
-    rule = decider.policy.tables.sensitivity("POST", "/bank.v1.Payments/Transfer")
+    rule = runtime.policy.tables.sensitivity("POST", "/bank.v1.Payments/Transfer")
     assert rule is not None and rule.level == "low"
 
 
@@ -159,17 +159,17 @@ def test_a_changed_jwks_file_alone_triggers_a_reload(tmp_path: Path) -> None:
     jwks.write_text(json.dumps({"keys": [_public(PRIVATE_JWK)]}))
     text = EXAMPLE_POLICY.read_text().replace("jwks_file: keys/dev-jwks.json", "jwks_file: jwks.json")
     (tmp_path / "policy.yaml").write_text(text)
-    decider = Decider(
+    runtime = Runtime(
         load_policy(tmp_path / "policy.yaml"), Telemetry(None, decision_log=None, metrics=Metrics())
     )
-    watcher = PolicyWatcher(tmp_path / "policy.yaml", decider, interval=0.05)
+    watcher = PolicyWatcher(tmp_path / "policy.yaml", runtime, interval=0.05)
     rotated = make_token(header={"kid": "rotated-2"}, key=ROTATED)
-    assert _decide(decider.engine, rotated) == "unknown_key"
+    assert _decide(runtime.engine, rotated) == "unknown_key"
     jwks.write_text(json.dumps({"keys": [_public(ROTATED.as_dict(private=False))]}))
 
     assert asyncio.run(watcher.check()) is True
-    assert _decide(decider.engine, rotated) == "allowed"
-    assert _decide(decider.engine, make_token()) == "unknown_key"  # the removed key no longer verifies
+    assert _decide(runtime.engine, rotated) == "allowed"
+    assert _decide(runtime.engine, make_token()) == "unknown_key"  # the removed key no longer verifies
 
 
 def test_a_slow_idp_does_not_hold_a_check_beyond_the_refresh_wait(tmp_path: Path) -> None:
@@ -186,11 +186,11 @@ def test_a_slow_idp_does_not_hold_a_check_beyond_the_refresh_wait(tmp_path: Path
         return idp(url, timeout)
 
     remote._fetch = slow
-    decider = Decider(policy, Telemetry(None, decision_log=None, metrics=Metrics()), FixedClock(NOW))
+    runtime = Runtime(policy, Telemetry(None, decision_log=None, metrics=Metrics()), FixedClock(NOW))
 
     async def scenario() -> tuple[str, float]:
         t0 = time.monotonic()
-        ev = await decider.evaluate(check_request(BALANCE, token=make_token(header={"kid": "unknown"})))
+        ev = await runtime.evaluate(check_request(BALANCE, token=make_token(header={"kid": "unknown"})))
         elapsed = time.monotonic() - t0
         await asyncio.sleep(1.2)  # let the background fetch finish before the loop closes
         return ev.decision.reason, elapsed
@@ -204,12 +204,12 @@ def test_stale_remote_keys_are_refetched_periodically(tmp_path: Path) -> None:
     policy = _policy_with_url(tmp_path, idp, FixedClock(NOW))
     remote = policy.issuers[0].keys
     assert isinstance(remote, RemoteKeys)
-    decider = Decider(policy, Telemetry(None, decision_log=None, metrics=Metrics()), FixedClock(NOW))
-    asyncio.run(decider.refresh_stale_keys())
+    runtime = Runtime(policy, Telemetry(None, decision_log=None, metrics=Metrics()), FixedClock(NOW))
+    asyncio.run(runtime.refresh_stale_keys())
     assert idp.fetches == 1  # still fresh: nothing fetched
     remote._fresh.clear()
     remote._last_attempt = float("-inf")
     idp.keys = [_public(ROTATED.as_dict(private=False))]  # the IdP dropped the old key
-    asyncio.run(decider.refresh_stale_keys())
+    asyncio.run(runtime.refresh_stale_keys())
     assert idp.fetches == 2
-    assert _decide(decider.engine, make_token()) == "unknown_key"
+    assert _decide(runtime.engine, make_token()) == "unknown_key"

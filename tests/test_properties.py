@@ -41,8 +41,9 @@ from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, Phase, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
-from sidecar.config import load_policy
-from sidecar.server import AuthorizationServicer, Decider
+from sidecar.compiler import load_policy
+from sidecar.runtime import Runtime
+from sidecar.server import AuthorizationServicer
 from sidecar.telemetry import Metrics, Telemetry
 from tests.helpers import (
     ACR_1FA,
@@ -735,7 +736,7 @@ class Handler:
     def __init__(self, policy_path: Path = EXAMPLE_POLICY) -> None:
         self.metrics = Metrics()
         telemetry = Telemetry(None, decision_log=None, metrics=self.metrics)
-        self.servicer = AuthorizationServicer(Decider(load_policy(policy_path), telemetry, FixedClock(NOW)))
+        self.servicer = AuthorizationServicer(Runtime(load_policy(policy_path), telemetry, FixedClock(NOW)))
         self.loop = asyncio.new_event_loop()
 
     def check(self, req: Any) -> Any:

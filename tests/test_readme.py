@@ -93,5 +93,5 @@ def test_every_decision_is_built_from_a_registered_reason() -> None:
     assert sorted(decisions) == [
         "engine.py:return Decision(",
         "engine.py:return Decision(",
-        "server.py:return Decision(r.outcome, r.code, r.http_status, r.description, error=r.error)",
+        "runtime.py:return Decision(r.outcome, r.code, r.http_status, r.description, error=r.error)",
     ]

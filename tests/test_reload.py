@@ -27,10 +27,11 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from examples.stack import free_port, wait_serving
-from sidecar.config import PolicyError, load_policy
-from sidecar.engine import Engine, Policy
+from sidecar.compiler import PolicyError, load_policy
+from sidecar.engine import Engine
 from sidecar.isolated import load_isolated, retire
-from sidecar.server import Decider, PolicyWatcher
+from sidecar.policy import Policy
+from sidecar.runtime import PolicyWatcher, Runtime
 from sidecar.telemetry import Metrics, Telemetry
 from tests.helpers import check_request, example_policy_text
 
@@ -53,7 +54,7 @@ def test_two_overlapping_reloads_finish_in_order_and_the_newest_file_stays(tmp_p
     (a SIGHUP and the watcher, say). B must not be overtaken by A: the newest file wins."""
     path = tmp_path / "policy.yaml"
     path.write_text(text_with_transfer("high"))
-    decider = Decider(load_policy(path), Telemetry(None, decision_log=None, metrics=Metrics()))
+    runtime = Runtime(load_policy(path), Telemetry(None, decision_log=None, metrics=Metrics()))
     started = threading.Event()
 
     def loader(p: Path) -> Policy:
@@ -64,7 +65,7 @@ def test_two_overlapping_reloads_finish_in_order_and_the_newest_file_stays(tmp_p
             time.sleep(0.5)  # an old, large file: it takes longer
         return policy
 
-    watcher = PolicyWatcher(path, decider, interval=0.05, loader=loader)
+    watcher = PolicyWatcher(path, runtime, interval=0.05, loader=loader)
 
     async def scenario() -> None:
         path.write_text(text_with_transfer("low"))
@@ -75,10 +76,10 @@ def test_two_overlapping_reloads_finish_in_order_and_the_newest_file_stays(tmp_p
         second = asyncio.ensure_future(watcher.check())
         assert await first is True
         assert await second is True
-        assert transfer_level(decider.policy) == "critical"
+        assert transfer_level(runtime.policy) == "critical"
         await asyncio.sleep(0.1)
         assert await watcher.check() is False  # nothing new: it stays
-        assert transfer_level(decider.policy) == "critical"
+        assert transfer_level(runtime.policy) == "critical"
 
     asyncio.run(scenario())
 
@@ -86,7 +87,7 @@ def test_two_overlapping_reloads_finish_in_order_and_the_newest_file_stays(tmp_p
 def test_requests_arriving_during_a_reload_are_served_by_one_more_load(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(text_with_transfer("high"))
-    decider = Decider(load_policy(path), Telemetry(None, decision_log=None, metrics=Metrics()))
+    runtime = Runtime(load_policy(path), Telemetry(None, decision_log=None, metrics=Metrics()))
     loads: list[str] = []
 
     def loader(p: Path) -> Policy:
@@ -94,7 +95,7 @@ def test_requests_arriving_during_a_reload_are_served_by_one_more_load(tmp_path:
         time.sleep(0.2)
         return load_policy(p)
 
-    watcher = PolicyWatcher(path, decider, interval=0.05, loader=loader)
+    watcher = PolicyWatcher(path, runtime, interval=0.05, loader=loader)
 
     async def scenario() -> None:
         path.write_text(text_with_transfer("low"))
@@ -106,7 +107,7 @@ def test_requests_arriving_during_a_reload_are_served_by_one_more_load(tmp_path:
 
     asyncio.run(scenario())
     assert len(loads) == 2  # the five waiting requests shared one load, of the newest file
-    assert transfer_level(decider.policy) == "critical"
+    assert transfer_level(runtime.policy) == "critical"
 
 
 def test_the_isolated_loader_gives_the_same_policy_as_the_in_process_one(tmp_path: Path) -> None:

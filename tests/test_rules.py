@@ -9,7 +9,7 @@ import pytest
 
 from sidecar.assurance import build_issuer_acr, level_from_claims
 from sidecar.attributes import from_check_request
-from sidecar.config import load_policy_text
+from sidecar.compiler import load_policy_text
 from sidecar.policy import SubjectView, build_index
 from sidecar.risk import DeviceUnknown, OutsideHours, SourceNotIn
 from tests.helpers import NOW, check_request, example_policy_text, make_token

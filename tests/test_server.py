@@ -22,8 +22,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from sidecar._proto.stepup.v1 import explain_pb2_grpc
-from sidecar.config import load_policy
-from sidecar.server import Decider, build_server, set_serving
+from sidecar.compiler import load_policy
+from sidecar.runtime import Runtime
+from sidecar.server import build_server, set_serving
 from sidecar.telemetry import Metrics, Telemetry
 from tests.helpers import ACR_PHR, EXAMPLE_POLICY, NOW, FixedClock, check_request, make_token
 
@@ -40,7 +41,7 @@ class Running:
         self.log = io.StringIO()
         self.metrics = Metrics()
         self.telemetry = Telemetry(provider, decision_log=self.log, metrics=self.metrics)
-        self.decider = Decider(load_policy(EXAMPLE_POLICY), self.telemetry, FixedClock(NOW))
+        self.runtime = Runtime(load_policy(EXAMPLE_POLICY), self.telemetry, FixedClock(NOW))
         self.loop = asyncio.new_event_loop()
         self.port = 0
         self._ready = threading.Event()
@@ -56,7 +57,7 @@ class Running:
         self.loop.run_forever()
 
     async def _start(self) -> None:
-        self.server, self.health = build_server(self.decider)
+        self.server, self.health = build_server(self.runtime)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
         await set_serving(self.health, True)
@@ -155,7 +156,7 @@ def test_unexpected_error_fails_closed_and_is_traced(srv: Running, monkeypatch: 
     def boom(*_: Any) -> Any:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(srv.decider.engine, "decide", boom)
+    monkeypatch.setattr(srv.runtime.engine, "decide", boom)
     resp = srv.check(check_request(TRANSFER, token=make_token(acr=ACR_PHR)))
     assert resp.status.code == 7 and resp.denied_response.status.code == 403
     span = srv.exporter.get_finished_spans()[-1]

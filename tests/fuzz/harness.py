@@ -36,8 +36,9 @@ from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
-from sidecar.config import load_policy_text
-from sidecar.server import AuthorizationServicer, Decider
+from sidecar.compiler import load_policy_text
+from sidecar.runtime import Runtime
+from sidecar.server import AuthorizationServicer
 from sidecar.telemetry import Metrics, Telemetry
 from tests.fuzz.generate import SECOND_ISSUER
 from tests.helpers import EXAMPLE_POLICY, NOW, FixedClock
@@ -411,14 +412,14 @@ class Target:
             doc = POLICY_DOCS[name]()
             policy = load_policy_text(yaml.safe_dump(doc), file=f"<fuzz:{name}>", base_dir=EXAMPLE_POLICY.parent)
             metrics = Metrics()
-            decider = Decider(policy, Telemetry(None, decision_log=None, metrics=metrics), FixedClock(NOW))
+            runtime = Runtime(policy, Telemetry(None, decision_log=None, metrics=metrics), FixedClock(NOW))
             reference = None
             if Reference is not None:
                 try:
                     reference = Reference(copy.deepcopy(doc), JWKS, NOW)
                 except Exception as e:  # an interface that changed under us: no reference check
                     self.reference_problem = f"Reference(doc, jwks, now) failed: {type(e).__name__}: {e}"
-            self.seats.append(_Seat(name, doc, AuthorizationServicer(decider), metrics, reference))
+            self.seats.append(_Seat(name, doc, AuthorizationServicer(runtime), metrics, reference))
         self.triage = Triage(triage_log)
 
     @property

@@ -1,4 +1,4 @@
-"""Verification keys: a JWKS from a file, or from an https URL cached and refreshed with limits.
+"""Verification keys: JWKS files and https URLs (fetched with limits), and the process-wide KeyStore.
 
 Every signing key must be usable by its issuer: RSA keys of at least 2048 bits for an allowed
 RS*/PS* algorithm, EC keys on the curve of an allowed ES* algorithm (P-256, P-384, P-521),
@@ -18,6 +18,7 @@ import http.client
 import io
 import json
 import logging
+import os
 import re
 import socket
 import ssl
@@ -369,3 +370,85 @@ class RemoteKeys:
             self._fresh["keys"] = jwks.keys
             self._last_good = jwks.keys
             return True
+
+
+class KeyFileError(ValueError):
+    """A JWKS file that cannot serve: one message per problem (unreadable, not a JWKS, refused keys)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class KeyStore:
+    """The process's verification keys: one provider per JWKS source, shared by every policy that
+    names the same source. A reload gets back the same RemoteKeys for an unchanged URL (no refetch,
+    and verified tokens stay valid) and the same StaticKeys for an unchanged file.
+
+    Compiling a policy only asks for providers (files are read here; URLs are not fetched);
+    `prime` fetches the URLs that never loaded, before the policy serves."""
+
+    def __init__(self, fetch: Fetcher = urllib_fetch) -> None:
+        self._fetch = fetch
+        self._remote: dict[tuple[str, frozenset[str], float], RemoteKeys] = {}
+        self._files: dict[tuple[str, frozenset[str]], tuple[tuple[int, int, int], StaticKeys]] = {}
+        self._lock = threading.Lock()
+
+    def remote(self, url: str, algorithms: Collection[str], ttl: float) -> RemoteKeys:
+        key = (url, frozenset(algorithms), float(ttl))
+        with self._lock:
+            provider = self._remote.get(key)
+            if provider is None:
+                provider = RemoteKeys(url, algorithms=algorithms, fetch=self._fetch, ttl=ttl)
+                self._remote[key] = provider
+            return provider
+
+    def file(self, path: str, algorithms: Collection[str]) -> StaticKeys:
+        """The keys of a JWKS file (re-read only when the file changed); KeyFileError if unusable."""
+        try:
+            st = os.stat(path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            key = (os.path.realpath(path), frozenset(algorithms))
+            with self._lock:
+                cached = self._files.get(key)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+            with open(path, "rb") as f:
+                data = f.read(MAX_JWKS_BYTES + 1)
+        except OSError as e:
+            raise KeyFileError([f"cannot read JWKS file {path!r}: {e.strerror}"]) from None
+        try:
+            if len(data) > MAX_JWKS_BYTES:
+                raise ValueError(f"larger than {MAX_JWKS_BYTES} bytes")
+            jwks = parse_jwks(data, algorithms)
+        except ValueError as e:
+            raise KeyFileError([f"bad JWKS in {path!r}: {e}"]) from None
+        if jwks.refused:
+            raise KeyFileError([f"bad JWKS in {path!r}: {problem}" for problem in jwks.refused])
+        provider = StaticKeys(jwks.keys)
+        with self._lock:
+            self._files[key] = (stamp, provider)
+        return provider
+
+    def prime(self, providers: Collection[tuple[str, KeyProvider]]) -> list[str]:
+        """Fetch every remote key set that never loaded (blocking; call from a worker thread).
+        `providers`: (issuer id, provider) pairs. Returns one warning per failure."""
+        warnings = []
+        for issuer_id, provider in providers:
+            if isinstance(provider, RemoteKeys) and provider.keyset() is None and not provider.refresh():
+                warnings.append(
+                    f"issuer {issuer_id!r}: JWKS {provider.url} could not be fetched"
+                    f" ({provider.last_error or 'rate-limited'}); its tokens are refused until it can be"
+                )
+        return warnings
+
+    def retain(self, providers: Collection[KeyProvider]) -> None:
+        """Forget sources no policy in use names any more (bounded across many reloads)."""
+        keep = {id(p) for p in providers}
+        with self._lock:
+            self._remote = {k: v for k, v in self._remote.items() if id(v) in keep}
+            self._files = {k: v for k, v in self._files.items() if id(v[1]) in keep}
+
+    def remotes(self) -> list[RemoteKeys]:
+        with self._lock:
+            return list(self._remote.values())

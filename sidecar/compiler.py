@@ -1,158 +1,54 @@
-"""Read the policy file once into frozen, compiled objects, collecting every problem with its place.
+"""A validated policy document -> a compiled, immutable Policy (tables, levels, issuers bound to
+their keys), collecting every problem with its place. Nothing here runs per request.
 
-`load_policy(path)` returns a Policy or raises PolicyError whose `problems` each name the file,
-the line and column, the location in the document (e.g. `permissions[2].allow.roles`) and what is
-wrong. Nothing here runs per request.
+Key sources come from the process-wide `keys.KeyStore`: compiling reads JWKS files through it and
+asks it for URL providers, but fetches nothing; `KeyStore.prime` does, before a policy serves.
+`load_policy` is the one-call form (parse, compile, prime) for start-up, tools and tests.
 """
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-import json
-from dataclasses import dataclass
-from importlib import resources
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import jsonschema
-import yaml
-
 from sidecar.assurance import build_issuer_acr
-from sidecar.engine import LevelSpec, Policy, UpstreamHeaders
-from sidecar.identity import Authenticator, ClaimNames, IssuerConfig
-from sidecar.jwks import Fetcher, KeyProvider, RemoteKeys, StaticKeys, parse_jwks, urllib_fetch
-from sidecar.policy import PermissionRule, SensitivityRule, Tables, build_index
+from sidecar.identity import ClaimNames, IdentityMapper, IssuerConfig
+from sidecar.keys import Fetcher, KeyFileError, KeyProvider, KeyStore, urllib_fetch
+from sidecar.policy import (
+    LevelSpec,
+    PermissionRule,
+    Policy,
+    SensitivityRule,
+    Tables,
+    UpstreamHeaders,
+    build_index,
+)
+from sidecar.policyfile import (
+    Document,
+    PathT,
+    PolicyError,
+    Problem,
+    content_digest,
+    parse_duration,
+    parse_text,
+)
 from sidecar.risk import DeviceUnknown, OutsideHours, RiskRule, SourceNotIn, day_index
 
+__all__ = [
+    "PolicyError",
+    "Problem",
+    "compile_document",
+    "load_policy",
+    "load_policy_data",
+    "load_policy_text",
+    "prime",
+]
+
 DEV_ISSUER = "https://idp.example.test"
-
-PathT = tuple[str | int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    file: str
-    line: int
-    column: int
-    where: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}: {self.where or '(document)'}: {self.message}"
-
-
-class PolicyError(Exception):
-    def __init__(self, problems: list[Problem]) -> None:
-        super().__init__("\n".join(str(p) for p in problems))
-        self.problems = problems
-
-
-def schema() -> dict[str, Any]:
-    text = resources.files("sidecar").joinpath("policy.schema.json").read_text()
-    doc: dict[str, Any] = json.loads(text)
-    return doc
-
-
-def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
-    """The schema with every local `$ref` replaced by its target: same meaning, but validation
-    skips reference resolution, which dominated the load time of large policies."""
-    if isinstance(node, dict):
-        ref = node.get("$ref")
-        if isinstance(ref, str) and ref.startswith("#/$defs/") and len(node) == 1:
-            return _inline_refs(defs[ref.removeprefix("#/$defs/")], defs)
-        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
-    if isinstance(node, list):
-        return [_inline_refs(v, defs) for v in node]
-    return node
-
-
-_SCHEMA = schema()
-_VALIDATOR = jsonschema.Draft202012Validator(_inline_refs(_SCHEMA, _SCHEMA["$defs"]))
-
-
-def _where(path: PathT) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-class _Doc:
-    """YAML data plus, when a problem must be located, the line/column of every node.
-
-    The common case (a valid file) parses once with libyaml; marks are computed only when there
-    is a problem to report, so large policies load fast."""
-
-    def __init__(self, file: str, text: str | None, data: Any = None) -> None:
-        """`text` is the YAML to parse; with `text=None`, `data` is an already parsed document
-        (problems are then located by path only, at 1:1)."""
-        self.file = file
-        self.text = text
-        self._marks: dict[PathT, tuple[int, int]] | None = None
-        if text is None:
-            self.data: Any = data
-            return
-        try:
-            self.data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-        except _DupKey:
-            self.marks()  # raises _DupKey with the key's full path
-
-    def marks(self) -> dict[PathT, tuple[int, int]]:
-        if self._marks is None:
-            self._marks = {}
-            if self.text is None:
-                return self._marks
-            node = yaml.compose(self.text, Loader=_Loader)
-            if node is not None:
-                self._walk(node, ())
-        return self._marks
-
-    def _walk(self, node: yaml.Node, path: PathT) -> None:
-        assert self._marks is not None
-        self._marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
-        if isinstance(node, yaml.MappingNode):
-            seen: set[str] = set()
-            for knode, vnode in node.value:
-                key = knode.value if isinstance(knode, yaml.ScalarNode) else repr(knode)
-                if key in seen:
-                    raise _DupKey(path, key, knode.start_mark.line + 1, knode.start_mark.column + 1)
-                seen.add(key)
-                self._walk(vnode, (*path, key))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                self._walk(v, (*path, i))
-
-    def problem(self, path: PathT, message: str) -> Problem:
-        marks = self.marks()
-        p = path
-        while p not in marks and p:
-            p = p[:-1]
-        line, col = marks.get(p, (1, 1))
-        return Problem(self.file, line, col, _where(path), message)
-
-
-class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """SafeLoader (libyaml when available) that refuses duplicate mapping keys."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for knode, _ in node.value:
-            key = knode.value if isinstance(knode, yaml.ScalarNode) else id(knode)
-            if key in seen:
-                raise _DupKey((), key, knode.start_mark.line + 1, knode.start_mark.column + 1)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
-
-
-class _DupKey(Exception):
-    def __init__(self, path: PathT, key: Any, line: int, column: int) -> None:
-        self.path = path
-        self.key = key
-        self.line = line
-        self.column = column
 
 
 def _fold_pattern(text: str) -> str:
@@ -161,20 +57,14 @@ def _fold_pattern(text: str) -> str:
     return f"{method}{sep}{path.lower()}"
 
 
-def parse_duration(v: int | str) -> int:
-    if isinstance(v, int):
-        return v
-    n, unit = int(v[:-1]), v[-1]
-    return n * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
-
-
 def load_policy(
     path: str | Path,
     *,
     fetch: Fetcher = urllib_fetch,
     allow_insecure_jwks_http: bool = False,
+    keys: KeyStore | None = None,
 ) -> Policy:
-    """Load, validate and compile a policy file. Raises PolicyError listing every problem."""
+    """Read, validate, compile and prime a policy file. Raises PolicyError listing every problem."""
     path = Path(path)
     file = str(path)
     try:
@@ -182,11 +72,8 @@ def load_policy(
     except (OSError, UnicodeDecodeError) as e:
         raise PolicyError([Problem(file, 1, 1, "", f"cannot read the file: {e}")]) from None
     return load_policy_text(
-        text,
-        file=file,
-        base_dir=path.parent,
-        fetch=fetch,
-        allow_insecure_jwks_http=allow_insecure_jwks_http,
+        text, file=file, base_dir=path.parent, fetch=fetch, allow_insecure_jwks_http=allow_insecure_jwks_http,
+        keys=keys,
     )
 
 
@@ -197,49 +84,15 @@ def load_policy_text(
     base_dir: Path | None = None,
     fetch: Fetcher = urllib_fetch,
     allow_insecure_jwks_http: bool = False,
+    keys: KeyStore | None = None,
 ) -> Policy:
-    base_dir = base_dir or Path.cwd()
-    doc = _parsed(text, file)
-    return _build(doc, base_dir, content_digest(text), fetch, allow_insecure_jwks_http)
-
-
-def _parsed(text: str, file: str) -> _Doc:
-    """The YAML parsed and checked against the schema (every problem, located)."""
-    try:
-        doc = _Doc(file, text)
-    except _DupKey as e:
-        raise PolicyError(
-            [Problem(file, e.line, e.column, _where((*e.path, e.key)), "duplicate key")]
-        ) from None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise PolicyError([Problem(file, line, col, "", f"invalid YAML: {e.problem}")]) from None
-    except yaml.YAMLError as e:
-        raise PolicyError([Problem(file, 1, 1, "", f"invalid YAML: {e}")]) from None
-    data = doc.data
-    problems: list[Problem] = []
-    for err in sorted(_VALIDATOR.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
-        problems.append(doc.problem(tuple(err.absolute_path), _schema_message(err)))
-    if problems:
-        raise PolicyError(problems)
-    assert isinstance(data, dict)
-    return doc
-
-
-def validated_data(
-    text: str,
-    *,
-    file: str,
-    base_dir: Path,
-    fetch: Fetcher = urllib_fetch,
-    allow_insecure_jwks_http: bool = False,
-) -> dict[str, Any]:
-    """Everything `load_policy_text` checks; returns the parsed document instead of the policy."""
-    doc = _parsed(text, file)
-    _build(doc, base_dir, content_digest(text), fetch, allow_insecure_jwks_http)
-    data: dict[str, Any] = doc.data
-    return data
+    keys = keys or KeyStore(fetch)
+    doc = parse_text(text, file)
+    policy = compile_document(
+        doc, base_dir=base_dir or Path.cwd(), digest=content_digest(text), keys=keys,
+        allow_insecure_jwks_http=allow_insecure_jwks_http,
+    )
+    return prime(policy, keys)
 
 
 def load_policy_data(
@@ -248,22 +101,28 @@ def load_policy_data(
     file: str,
     base_dir: Path,
     digest: str,
-    fetch: Fetcher = urllib_fetch,
+    keys: KeyStore,
     allow_insecure_jwks_http: bool = False,
 ) -> Policy:
-    """Compile a document that already passed `load_policy` (schema and all) elsewhere: the
-    isolated reload parses and validates in a child process and hands over the data. The schema
-    is not checked again; the compile's own checks are (their problems are located by path)."""
-    return _build(_Doc(file, None, data), base_dir, digest, fetch, allow_insecure_jwks_http)
+    """Compile a document that already passed validation elsewhere (the isolated reload parses and
+    validates in a child process and hands over the data). The schema is not checked again; the
+    compiler's own checks are (their problems are located by path). Not primed."""
+    return compile_document(
+        Document(file, None, data), base_dir=base_dir, digest=digest, keys=keys,
+        allow_insecure_jwks_http=allow_insecure_jwks_http,
+    )
 
 
-def content_digest(text: str) -> str:
-    """The content hash in a policy's version (`name@digest`)."""
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+def prime(policy: Policy, keys: KeyStore) -> Policy:
+    """Fetch the policy's remote keys that never loaded; their failures become policy warnings."""
+    warnings = keys.prime([(i.id, i.keys) for i in policy.issuers if i.keys is not None])
+    return replace(policy, warnings=(*policy.warnings, *warnings)) if warnings else policy
 
 
-def _build(doc: _Doc, base_dir: Path, digest: str, fetch: Fetcher, allow_insecure_http: bool) -> Policy:
-    builder = _Builder(doc, doc.data, base_dir, fetch, allow_insecure_http)
+def compile_document(
+    doc: Document, *, base_dir: Path, digest: str, keys: KeyStore, allow_insecure_jwks_http: bool = False
+) -> Policy:
+    builder = _Builder(doc, doc.data, base_dir, keys, allow_insecure_jwks_http)
     policy = builder.build(digest)
     if builder.problems:
         raise PolicyError(builder.problems)
@@ -271,30 +130,19 @@ def _build(doc: _Doc, base_dir: Path, digest: str, fetch: Fetcher, allow_insecur
     return policy
 
 
-def _schema_message(err: jsonschema.ValidationError) -> str:
-    if err.validator == "additionalProperties":
-        return err.message.replace("Additional properties are not allowed", "unknown key(s)")
-    if err.validator == "pattern":
-        return f"{err.instance!r} does not have the expected form"
-    desc = err.schema.get("description", "") if isinstance(err.schema, dict) else ""
-    if err.validator == "oneOf" and "unit s, m, h or d" in str(desc):
-        return f"{err.instance!r} is not a duration (seconds, or e.g. 30s, 15m, 12h, 1d)"
-    return err.message
-
-
 class _Builder:
     def __init__(
         self,
-        doc: _Doc,
+        doc: Document,
         data: dict[str, Any],
         base_dir: Path,
-        fetch: Fetcher,
+        keys: KeyStore,
         allow_insecure_http: bool,
     ) -> None:
         self.doc = doc
         self.data = data
         self.base_dir = base_dir
-        self.fetch = fetch
+        self.keys = keys
         self.allow_insecure_http = allow_insecure_http
         self.problems: list[Problem] = []
         self.warnings: list[str] = []
@@ -398,7 +246,7 @@ class _Builder:
             return None
 
         name = d.get("name", "policy")
-        authenticator = Authenticator(
+        identities = IdentityMapper(
             tuple(issuers),
             n_levels=len(levels),
             amr_derivation=assurance.get("amr_derivation", True),
@@ -417,7 +265,7 @@ class _Builder:
             case_sensitive_paths=case_sensitive,
             risk_rules=tuple(risks),
             issuers=tuple(issuers),
-            authenticator=authenticator,
+            identities=identities,
             upstream_headers=headers,
             warnings=tuple(self.warnings),
             files=tuple(self.files),
@@ -443,16 +291,10 @@ class _Builder:
             p = p if p.is_absolute() else self.base_dir / p
             self.files.append(str(p))
             try:
-                jwks = parse_jwks(p.read_bytes(), algorithms)
-            except OSError as e:
-                self.err((*where, "jwks_file"), f"cannot read JWKS file {str(p)!r}: {e.strerror}")
-            except ValueError as e:
-                self.err((*where, "jwks_file"), f"bad JWKS in {str(p)!r}: {e}")
-            else:
-                for problem in jwks.refused:
-                    self.err((*where, "jwks_file"), f"bad JWKS in {str(p)!r}: {problem}")
-                if not jwks.refused:
-                    keys = StaticKeys(jwks.keys)
+                keys = self.keys.file(str(p), algorithms)
+            except KeyFileError as e:
+                for problem in e.problems:
+                    self.err((*where, "jwks_file"), problem)
         elif "jwks_uri" in raw:
             url = urlparse(raw["jwks_uri"])
             loopback = url.hostname in ("localhost", "127.0.0.1", "::1")
@@ -461,18 +303,10 @@ class _Builder:
                     (*where, "jwks_uri"), "a JWKS URL must use https (http is accepted only on loopback)"
                 )
             else:
-                remote = RemoteKeys(
-                    raw["jwks_uri"],
-                    algorithms=algorithms,
-                    fetch=self.fetch,
-                    ttl=parse_duration(raw.get("jwks_refresh", 600)),
+                # Not fetched here: `prime` does, before the policy serves.
+                keys = self.keys.remote(
+                    raw["jwks_uri"], algorithms, parse_duration(raw.get("jwks_refresh", 600))
                 )
-                if not remote.refresh():
-                    self.warnings.append(
-                        f"issuer {raw['id']!r}: JWKS {raw['jwks_uri']} could not be fetched at load"
-                        f" ({remote.last_error}); tokens will be refused until it can be"
-                    )
-                keys = remote
         elif "jwt_authn_payload" not in raw:
             self.err(where, "an issuer needs jwks_file, jwks_uri or jwt_authn_payload")
         if keys is not None and not raw.get("audiences"):

@@ -1,0 +1,183 @@
+"""One serving process: load the policy, build the runtime and the servers, serve, reload on
+change or SIGHUP, drain on SIGTERM. `cli.py` parses the command line and calls `serve`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("stepup")
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per operational log line (decision lines are written by telemetry)."""
+
+    _SKIP = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        doc.update({k: v for k, v in record.__dict__.items() if k not in self._SKIP})
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+# Libraries that log request content on a parse warning (OpenTelemetry logs an invalid
+# `tracestate` member verbatim, once per request): nothing from a request may reach the logs, and
+# one line per request would let a client flood them. Their errors still show.
+_REQUEST_FACING_LOGGERS = (
+    "opentelemetry.trace",
+    "opentelemetry.baggage",
+    "opentelemetry.propagate",
+    "opentelemetry.propagators",
+    "opentelemetry.attributes",
+    "opentelemetry.context",
+)
+
+
+class _LibraryArgsFilter(logging.Filter):
+    """Any other library record below ERROR keeps its message template but loses its arguments,
+    where request content could hide (a header value, a path)."""
+
+    _KEEP = ("stepup", "opentelemetry.exporter")  # ours, and exporters (endpoints, not requests)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._KEEP) and record.levelno < logging.ERROR and record.args:
+            record.msg = f"{record.msg} (arguments withheld)"
+            record.args = None
+        return True
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    handler.addFilter(_LibraryArgsFilter())
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+    for name in _REQUEST_FACING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    if not args.policy:
+        print("stepup-sidecar serve: --policy (or STEPUP_POLICY) is required", file=sys.stderr)
+        return 2
+    from sidecar.compiler import PolicyError, load_policy
+    from sidecar.keys import KeyStore
+
+    keys = KeyStore()
+    try:
+        policy = load_policy(args.policy, keys=keys)
+    except PolicyError as e:
+        print(f"stepup-sidecar: the policy is invalid, not starting:\n{e}", file=sys.stderr)
+        return 1
+    for w in policy.warnings:
+        log.warning("policy: %s", w)
+    from sidecar.isolated import settle
+
+    settle(policy)  # the policy's objects stay out of every garbage collection from now on
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    return int(runner(_run(args, policy, keys)))
+
+
+async def _run(args: argparse.Namespace, policy: Any, keys: Any) -> int:
+    from prometheus_client import start_http_server
+
+    from sidecar.runtime import PolicyWatcher, Runtime
+    from sidecar.server import build_health_server, build_server, set_serving
+    from sidecar.telemetry import Metrics, Telemetry, tracer_provider_from_env
+
+    stream = {"stdout": sys.stdout, "stderr": sys.stderr, "off": None}[args.decision_log]
+    metrics = Metrics()
+    telemetry = Telemetry(tracer_provider_from_env(metrics), decision_log=stream, metrics=metrics)
+    runtime = Runtime(policy, telemetry, keys=keys)
+    server, health_servicer = build_server(runtime, explain=args.explain)
+    await set_serving(health_servicer, False, args.explain)
+    servers = [server]
+    if args.health_listen:
+        servers.append(build_health_server(health_servicer))
+    ports = [
+        _bind(srv, address) for srv, address in zip(servers, (args.listen, args.health_listen), strict=False)
+    ]
+    if 0 in ports:
+        return 1
+    if args.metrics_listen:
+        host, _, mport = args.metrics_listen.rpartition(":")
+        start_http_server(int(mport), addr=host or "127.0.0.1", registry=metrics.registry)
+    for srv in servers:
+        await srv.start()
+    await set_serving(health_servicer, True, args.explain)
+    log.info(
+        "serving Authorization/Check on %s:%d (policy %s)",
+        args.listen.rpartition(":")[0],
+        ports[0],
+        policy.version,
+    )
+    if args.health_listen:
+        log.info("serving grpc.health.v1 only on %s:%d", args.health_listen.rpartition(":")[0], ports[1])
+
+    stop = asyncio.Event()
+    received: list[int] = []
+    loop = asyncio.get_running_loop()
+
+    def _on_signal(sig: int) -> None:
+        received.append(sig)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, sig)
+    watcher = PolicyWatcher(Path(args.policy), runtime, args.watch_interval)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(watcher.reload()))
+    tasks = [asyncio.ensure_future(_flush_every(telemetry, 0.5))]
+    if args.watch_interval > 0:
+        tasks.append(asyncio.ensure_future(watcher.run()))
+    await stop.wait()
+    log.info(
+        "shutting down: health NOT_SERVING, finishing in-flight calls (grace %.1fs)", args.shutdown_grace
+    )
+    await set_serving(health_servicer, False, args.explain)
+    if args.drain_delay > 0 and received[:1] == [signal.SIGTERM]:
+        # Keep answering while callers and probes see NOT_SERVING: gRPC's stop() would cancel
+        # calls that have arrived but not yet reached the servicer.
+        await asyncio.sleep(args.drain_delay)
+    await server.stop(args.shutdown_grace)
+    for srv in servers[1:]:
+        await srv.stop(0)
+    for t in tasks:
+        t.cancel()
+    telemetry.shutdown()
+    log.info("stopped")
+    return 0
+
+
+def _bind(server: Any, address: str) -> int:
+    """Bind an address; returns the port (0 on failure, after logging why)."""
+    try:
+        port = int(server.add_insecure_port(address))
+    except RuntimeError:
+        port = 0
+    if not port:
+        log.error("cannot listen on %s (in use, or not a local address)", address)
+    return port
+
+
+async def _flush_every(telemetry: Any, seconds: float) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        telemetry.flush()

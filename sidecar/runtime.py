@@ -1,0 +1,233 @@
+"""The serving process's state: the active policy and its reloads, the key store and the
+verified-token cache shared by every policy, key refresh, and the evaluation of one request.
+
+`Runtime.evaluate` never raises because of a request's content: any unexpected error becomes a
+denial (fail closed) that is logged and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidecar import reasons as R
+from sidecar.attributes import RequestAttributes, from_check_request
+from sidecar.compiler import prime
+from sidecar.decision import Decision
+from sidecar.engine import Engine
+from sidecar.isolated import load_isolated, retire, settle
+from sidecar.keys import KeyStore, RemoteKeys
+from sidecar.policy import Policy
+from sidecar.policyfile import PolicyError
+from sidecar.reasons import Reason
+from sidecar.telemetry import Telemetry, log_internal_error
+from sidecar.tokens import Verifier
+
+log = logging.getLogger("stepup")
+
+REFRESH_WAIT = 0.15  # seconds a Check may wait for a JWKS fetch triggered by an unknown kid
+
+
+def fixed_decision(r: Reason) -> Decision:
+    """A decision that needs no request (an internal error, an unparsable request)."""
+    return Decision(r.outcome, r.code, r.http_status, r.description, error=r.error)
+
+
+INTERNAL = fixed_decision(R.INTERNAL_ERROR)
+MALFORMED = fixed_decision(R.MALFORMED_REQUEST)
+
+
+@dataclass
+class Evaluation:
+    decision: Decision
+    attrs: RequestAttributes | None
+    policy: Policy
+    error: BaseException | None
+
+
+class Runtime:
+    """What lives for the serving process: the active policy (swapped atomically on reload), the
+    key store and the verified-token cache that every policy shares, and the evaluation of one
+    request with telemetry."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        telemetry: Telemetry,
+        clock: Callable[[], float] = time.time,
+        *,
+        keys: KeyStore | None = None,
+        verifier: Verifier | None = None,
+    ) -> None:
+        self.keys = keys if keys is not None else KeyStore()
+        self.verifier = verifier if verifier is not None else Verifier()
+        self.engine = Engine(policy, self.verifier)
+        self.telemetry = telemetry
+        self.clock = clock
+
+    @property
+    def policy(self) -> Policy:
+        return self.engine.policy
+
+    def swap(self, policy: Policy) -> None:
+        self.engine = Engine(policy, self.verifier)
+
+    async def evaluate(self, request: Any) -> Evaluation:
+        engine = self.engine  # one policy for the whole call, even if a reload lands meanwhile
+        attrs: RequestAttributes | None = None
+        try:
+            attrs = from_check_request(request)
+            decision = engine.decide(attrs, self.clock())
+            if decision.reason == "unknown_key" and await self._refresh_keys(engine.policy):
+                decision = engine.decide(attrs, self.clock())
+            return Evaluation(decision, attrs, engine.policy, None)
+        except Exception as e:
+            log_internal_error("internal error while deciding; denying", e)
+            self.telemetry.metrics.internal_errors.inc()
+            return Evaluation(INTERNAL, attrs, engine.policy, e)
+
+    async def _refresh_keys(self, policy: Policy, wait: float = REFRESH_WAIT) -> bool:
+        """Fetch remote JWKS that may be refreshed now (rate-limited), in a thread. Waits at most
+        `wait` seconds, well inside Envoy's Check timeout; a slower fetch completes in the
+        background and serves later calls."""
+        remotes = [i.keys for i in policy.issuers if isinstance(i.keys, RemoteKeys) and i.keys.may_refresh()]
+        if not remotes:
+            return False
+        loop = asyncio.get_running_loop()
+        fetches = asyncio.gather(*(loop.run_in_executor(None, r.refresh) for r in remotes))
+        try:
+            results = await asyncio.wait_for(asyncio.shield(fetches), wait)
+        except TimeoutError:
+            return False
+        return any(results)
+
+    async def refresh_stale_keys(self) -> None:
+        """Periodic: refetch remote JWKS whose cache time has passed (keys removed by the IdP stop
+        verifying; new ones are known before the first token that uses them)."""
+        policy = self.policy
+        stale = [i.keys for i in policy.issuers if isinstance(i.keys, RemoteKeys) and not i.keys.is_fresh()]
+        if stale:
+            await self._refresh_keys(policy, wait=60.0)
+
+    def record(self, ev: Evaluation, decision_id: str, start_ns: int, *, explain: bool = False) -> None:
+        try:
+            parent = self.telemetry.parent(ev.attrs.headers) if ev.attrs is not None else None
+            self.telemetry.record(
+                decision=ev.decision,
+                attrs=ev.attrs,
+                decision_id=decision_id,
+                policy_version=ev.policy.version,
+                start_ns=start_ns,
+                parent=parent,
+                error=ev.error,
+                explain=explain,
+            )
+        except Exception as e:
+            log_internal_error("telemetry failed", e, decision_id=decision_id)
+
+
+class PolicyWatcher:
+    """Reloads the policy when its file (or a ConfigMap's `..data` symlink swap) changes, and on
+    SIGHUP.
+
+    A new policy is validated completely before it replaces the old one; a broken one is reported
+    and the last good policy keeps serving. Reloads never overlap and never finish out of order:
+    each runs after the previous one, reads the file as it is when it starts, and requests that
+    arrive while one runs are served by the next, so the newest file always wins and stays. The
+    default loader parses and validates in a child process (`sidecar.isolated`), so a large
+    policy does not stall the Checks being answered meanwhile."""
+
+    def __init__(
+        self,
+        path: Path,
+        runtime: Runtime,
+        interval: float,
+        loader: Callable[[Path], Policy] | None = None,
+    ):
+        self.path = path
+        self.runtime = runtime
+        self.interval = interval
+        # The default: validate in a child process, compile here against the runtime's key store
+        # (unchanged JWKS sources keep their keys, and verified tokens stay verified).
+        self.loader = loader or functools.partial(load_isolated, keys=runtime.keys)
+        self.last_error: str = ""
+        self._stamp = self._fingerprint()
+        self._lock = asyncio.Lock()
+        self._requested = 0  # reload requests so far
+        self._covered = 0  # requests a finished or running load has started after
+        self._last_result = False
+
+    def _fingerprint(self) -> tuple[Any, ...]:
+        """Identity of the policy file and the JWKS files it names (a ConfigMap swaps all at once)."""
+        stamp: list[Any] = []
+        for f in (str(self.path), *self.runtime.policy.files):
+            try:
+                real = os.path.realpath(f)
+                st = os.stat(real)
+                stamp.append((real, st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                stamp.append((str(f), "missing"))
+        return tuple(stamp)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.check()
+            await self.runtime.refresh_stale_keys()
+
+    async def check(self) -> bool:
+        if self._fingerprint() == self._stamp:
+            return False
+        return await self.reload()
+
+    async def reload(self) -> bool:
+        self._requested += 1
+        ticket = self._requested
+        async with self._lock:
+            if self._covered >= ticket:
+                return self._last_result  # a load that started after this request has run
+            self._covered = self._requested
+            self._last_result = await self._load()
+            return self._last_result
+
+    async def _load(self) -> bool:
+        metrics = self.runtime.telemetry.metrics
+        loop = asyncio.get_running_loop()
+        # Taken before reading: a change made while loading shows as a difference next time.
+        stamp = self._fingerprint()
+        try:
+            policy = await loop.run_in_executor(None, self.loader, self.path)
+            policy = await loop.run_in_executor(None, prime, policy, self.runtime.keys)
+        except PolicyError as e:
+            self._stamp = stamp
+            self.last_error = str(e)
+            metrics.reloads.labels("rejected").inc()
+            log.error("policy reload rejected; keeping %s:\n%s", self.runtime.policy.version, e)
+            return False
+        except Exception as e:
+            self._stamp = stamp
+            self.last_error = type(e).__name__
+            metrics.reloads.labels("rejected").inc()
+            log_internal_error(f"policy reload failed; keeping {self.runtime.policy.version}", e)
+            return False
+        replaced = self.runtime.policy
+        old = replaced.version
+        self.runtime.swap(policy)
+        self._stamp = stamp
+        settle(policy)
+        self.runtime.keys.retain([i.keys for i in policy.issuers if i.keys is not None])
+        loop.run_in_executor(None, retire, [replaced])
+        del replaced
+        self.last_error = ""
+        metrics.reloads.labels("applied").inc()
+        log.info("policy reloaded: %s -> %s", old, policy.version)
+        for w in policy.warnings:
+            log.warning("policy: %s", w)
+        return True

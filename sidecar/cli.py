@@ -42,7 +42,12 @@ def _parser() -> argparse.ArgumentParser:
         help="serve Authorization/Check, Explain, health and reflection",
         description="Every flag can also be set by the environment variable shown.",
     )
-    s.add_argument("--policy", default=_env("POLICY", ""), help="policy YAML file [STEPUP_POLICY]")
+    s.add_argument(
+        "--policy",
+        default=_env("POLICY", ""),
+        required=not os.environ.get(ENV_PREFIX + "POLICY"),
+        help="policy YAML file (required) [STEPUP_POLICY]",
+    )
     s.add_argument(
         "--listen",
         default=_env("LISTEN", "127.0.0.1:9191"),
@@ -92,24 +97,93 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds in-flight calls may take after SIGTERM [STEPUP_SHUTDOWN_GRACE] (default 10)",
     )
 
-    v = sub.add_parser("validate", help="check policy files; exit 1 on any problem")
-    v.add_argument("files", nargs="+")
+    v = sub.add_parser(
+        "validate",
+        help="check policy files; exit 1 on any problem",
+        description="Parse, validate and compile each policy file; print every problem with its place.",
+    )
+    v.add_argument("files", nargs="+", metavar="FILE", help="policy YAML files")
+    v.add_argument(
+        "--offline",
+        action="store_true",
+        help="do not fetch jwks_uri keys (their reachability is not checked)",
+    )
+    v.add_argument("--format", choices=["text", "json"], default="text", help="output format (default text)")
 
-    sub.add_parser("schema", help="print the policy's JSON Schema")
+    sub.add_parser(
+        "schema", help="print the policy's JSON Schema", description="Print the policy's JSON Schema."
+    )
+
+    te = sub.add_parser(
+        "test",
+        help="run YAML test cases against a policy, like `opa test`",
+        description="Run the test cases of each TESTFILE (see README 'Testing a policy') against its policy;"
+        " exit 1 when a case fails, 2 when a file cannot be used.",
+    )
+    te.add_argument("files", nargs="+", metavar="TESTFILE", help="YAML test files")
+    te.add_argument("--policy", default=None, help="the policy to test (default: each file's `policy:`)")
+    te.add_argument(
+        "--format", choices=["text", "json", "junit"], default="text", help="report format (default text)"
+    )
+    te.add_argument("--run", default=None, metavar="REGEX", help="run only the cases whose name matches")
+    te.add_argument(
+        "--coverage",
+        action="store_true",
+        help="list the sensitivity, permission and risk rules no case exercised",
+    )
+
+    ex = sub.add_parser(
+        "explain",
+        help="show why a request gets its answer, step by step",
+        description="Decide one request against a policy and print the decision as the pipeline walked it."
+        " Describe the request with flags, or with --request FILE (a YAML/JSON mapping, the `request:` of a"
+        " test case), or both (flags win).",
+    )
+    ex.add_argument("--policy", required=True, help="the policy YAML file")
+    ex.add_argument("--request", metavar="FILE", help="the request description (YAML or JSON)")
+    ex.add_argument("--http", metavar="'METHOD /path'", help="an HTTP call, e.g. 'GET /v1/accounts/7'")
+    ex.add_argument("--grpc", metavar="/pkg.Service/Method", help="a gRPC call")
+    ex.add_argument("--token", help="a real token, verified against the policy's issuers")
+    ex.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="a claim taken as verified (repeatable; dotted paths; JSON values, e.g. roles='[\"teller\"]')",
+    )
+    ex.add_argument("--issuer", help="the issuer id of the claims (default: the policy's first)")
+    ex.add_argument("--auth-age", help="seconds (or 90s, 15m, 2h) since the authentication")
+    ex.add_argument("--principal", help="the mTLS peer principal")
+    ex.add_argument("--source", help="the peer address (default 127.0.0.1)")
+    ex.add_argument("--header", action="append", default=[], metavar="NAME=VALUE", help="a request header")
+    ex.add_argument("--at", help="the time of the call (ISO 8601 or epoch seconds; default now)")
+    ex.add_argument("--format", choices=["text", "json"], default="text", help="output format (default text)")
 
     t = sub.add_parser(
-        "dev-token", help="mint a token with the example development key (for demos and tests)"
+        "dev-token",
+        help="mint a token with the example development key (for demos and tests)",
+        description="Mint a signed JWT. Claims are set by the flags, then by --claims-file, then by --claim.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     t.add_argument("--key", default="examples/keys/dev-private-jwk.json", help="private JWK file")
-    t.add_argument("--issuer", default="https://idp.example.test")
-    t.add_argument("--audience", default="bank-api")
-    t.add_argument("--sub", default="alice")
-    t.add_argument("--roles", default="", help="comma-separated")
-    t.add_argument("--scope", default="", help="space-separated")
-    t.add_argument("--acr", default="")
-    t.add_argument("--amr", default="", help="comma-separated, e.g. pwd,otp")
+    t.add_argument("--issuer", default="https://idp.example.test", help="iss")
+    t.add_argument("--audience", default="bank-api", help="aud")
+    t.add_argument("--sub", default="alice", help="sub")
+    t.add_argument("--roles", default="", help="roles, comma-separated (a list claim)")
+    t.add_argument("--scope", default="", help="scope, space-separated")
+    t.add_argument("--acr", default="", help="acr")
+    t.add_argument("--amr", default="", help="amr, comma-separated, e.g. pwd,otp")
     t.add_argument("--auth-age", type=int, default=0, help="seconds since authentication (auth_time)")
     t.add_argument("--ttl", type=int, default=600, help="seconds until exp")
+    t.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="any claim (repeatable): a dotted path for nesting, the value as JSON when it parses"
+        " (realm_access.roles='[\"teller\"]', acrs='[\"c1\"]', sid=abc)",
+    )
+    t.add_argument("--claims-file", metavar="FILE", help="a JSON/YAML mapping merged into the claims")
     t.add_argument(
         "--allow-any-key", action="store_true", help="sign with a key that is not the example development key"
     )
@@ -119,7 +193,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "validate":
-        return _validate(args.files)
+        return _validate(args.files, offline=args.offline, fmt=args.format)
+    if args.command == "test":
+        from sidecar import policytest
+
+        return policytest.main(
+            args.files, policy_file=args.policy, fmt=args.format, run=args.run, with_coverage=args.coverage
+        )
+    if args.command == "explain":
+        return _explain(args)
     if args.command == "schema":
         from sidecar.policyfile import schema
 
@@ -132,22 +214,131 @@ def main(argv: list[str] | None = None) -> int:
     return serve(args)
 
 
-def _validate(files: list[str]) -> int:
-    from sidecar.compiler import PolicyError, load_policy
+def _validate(files: list[str], *, offline: bool = False, fmt: str = "text") -> int:
+    from sidecar.compiler import PolicyError, compile_document, load_policy
+    from sidecar.keys import KeyStore
+    from sidecar.policyfile import Problem, content_digest, parse_text
 
     failed = False
+    report: list[dict[str, Any]] = []
+    if offline and fmt == "text":
+        print("validate: offline, jwks_uri keys are not fetched", file=sys.stderr)
     for f in files:
+        entry: dict[str, Any] = {"file": f, "ok": False, "problems": [], "warnings": []}
+        report.append(entry)
         try:
-            p = load_policy(f)
+            if offline:
+                try:
+                    text = Path(f).read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as e:
+                    raise PolicyError([Problem(f, 1, 1, "", f"cannot read the file: {e}")]) from None
+                p = compile_document(
+                    parse_text(text, f), base_dir=Path(f).parent, digest=content_digest(text), keys=KeyStore()
+                )
+            else:
+                p = load_policy(f)
         except PolicyError as e:
             failed = True
-            for problem in e.problems:
-                print(problem, file=sys.stderr)
+            entry["problems"] = [
+                {"line": x.line, "column": x.column, "where": x.where, "message": x.message}
+                for x in e.problems
+            ]
+            if fmt == "text":
+                for problem in e.problems:
+                    print(problem, file=sys.stderr)
             continue
-        for w in p.warnings:
-            print(f"{f}: warning: {w}", file=sys.stderr)
-        print(f"{f}: ok ({p.version})")
+        entry.update(ok=True, version=p.version, warnings=list(p.warnings))
+        if fmt == "text":
+            for w in p.warnings:
+                print(f"{f}: warning: {w}", file=sys.stderr)
+            print(f"{f}: ok ({p.version})")
+    if fmt == "json":
+        print(json.dumps(report, indent=2))
     return 1 if failed else 0
+
+
+def set_path(doc: dict[str, Any], path: str, value: Any) -> None:
+    """doc[a][b][c] = value for path "a.b.c" (creating the mappings on the way)."""
+    *parents, last = path.split(".")
+    cur = doc
+    for part in parents:
+        nxt = cur.get(part)
+        if not isinstance(nxt, dict):
+            nxt = cur[part] = {}
+        cur = nxt
+    cur[last] = value
+
+
+def parse_claim(text: str) -> tuple[str, Any]:
+    """PATH=VALUE, the value as JSON when it parses (a number, a list, ...), else the string."""
+    path, sep, raw = text.partition("=")
+    if not sep or not path:
+        raise ValueError(f"--claim {text!r}: write PATH=VALUE")
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return path, value
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from sidecar import explain
+    from sidecar.cases import CaseError, PresetVerifier, build_request
+    from sidecar.compiler import PolicyError, load_policy
+    from sidecar.runtime import Runtime
+    from sidecar.telemetry import Metrics, Telemetry
+
+    desc: dict[str, Any] = {}
+    if args.request:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(args.request).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            print(f"stepup-sidecar explain: {args.request}: {e}", file=sys.stderr)
+            return 2
+        desc = dict(loaded.get("request", loaded)) if isinstance(loaded, dict) else {}
+    for flag, key in (
+        ("http", "http"),
+        ("grpc", "grpc"),
+        ("token", "token"),
+        ("issuer", "issuer"),
+        ("principal", "principal"),
+        ("source", "source"),
+        ("at", "at"),
+        ("auth_age", "auth_age"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            desc[key] = value
+    try:
+        for c in args.claim:
+            path, value = parse_claim(c)
+            set_path(desc.setdefault("claims", {}), path, value)
+        for h in args.header:
+            name, sep, value = h.partition("=")
+            if not sep:
+                raise ValueError(f"--header {h!r}: write NAME=VALUE")
+            desc.setdefault("headers", {})[name] = value
+        policy = load_policy(args.policy)
+        built = build_request(desc, policy, "request")
+    except PolicyError as e:
+        print(f"stepup-sidecar explain: the policy is invalid:\n{e}", file=sys.stderr)
+        return 2
+    except (CaseError, ValueError) as e:
+        print(f"stepup-sidecar explain: {e}", file=sys.stderr)
+        return 2
+    verifier = PresetVerifier()
+    verifier.presets.update(built.presets)
+    runtime = Runtime(
+        policy, Telemetry(None, decision_log=None, metrics=Metrics()), lambda: built.at, verifier=verifier
+    )
+    import asyncio
+
+    ev = asyncio.run(runtime.evaluate(built.check))
+    walked = explain.walk(ev, "explain", built.at)
+    print(json.dumps(walked, indent=2) if args.format == "json" else explain.text(walked))
+    return 0
 
 
 def _dev_token(args: argparse.Namespace) -> int:
@@ -176,6 +367,19 @@ def _dev_token(args: argparse.Namespace) -> int:
         claims["acr"] = args.acr
     if args.amr:
         claims["amr"] = [m for m in args.amr.split(",") if m]
+    try:
+        if args.claims_file:
+            import yaml
+
+            extra = yaml.safe_load(Path(args.claims_file).read_text(encoding="utf-8"))
+            if not isinstance(extra, dict):
+                raise ValueError(f"{args.claims_file}: not a mapping of claims")
+            claims.update(extra)
+        for c in args.claim:
+            set_path(claims, *parse_claim(c))
+    except (OSError, ValueError) as e:
+        print(f"stepup-sidecar dev-token: {e}", file=sys.stderr)
+        return 2
     print(jwt.encode({"alg": data.get("alg", "RS256"), "kid": data["kid"], "typ": "JWT"}, claims, key))
     return 0
 

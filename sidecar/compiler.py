@@ -269,6 +269,11 @@ class _Builder:
             upstream_headers=headers,
             warnings=tuple(self.warnings),
             files=tuple(self.files),
+            rule_ids={
+                "sensitivity": tuple(r["id"] for r in d["sensitivity"]["rules"]),
+                "permissions": tuple(r["id"] for r in d["permissions"]),
+                "risk": tuple(r["id"] for r in d.get("risk", [])),
+            },
         )
 
     def _unique_ids(self, what: str, items: list[dict[str, Any]], base: PathT | None = None) -> None:

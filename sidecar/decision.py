@@ -42,6 +42,9 @@ class Decision:
     # Level names, so that the edges (response, log, span, explain) need no policy to print them.
     required_assurance: str = ""
     presented_assurance: str = ""
+    # The rule of each table that decided (for coverage and explain); "" when none did.
+    sensitivity_rule: str = ""
+    permission_rule: str = ""
 
     @property
     def allowed(self) -> bool:

@@ -83,6 +83,7 @@ class Engine:
         p = self.policy
         matched: list[str] = []
         sensitivity = ""
+        rules = ["", ""]  # the sensitivity rule, the permission rule
 
         def out(r: Reason, text: str = "", **kw: Any) -> Decision:
             req: Requirement | None = kw.get("requirement")
@@ -98,6 +99,8 @@ class Engine:
                 path=a.path,
                 required_assurance=self._name(req.min_level if req is not None else None),
                 presented_assurance=self._name(ident.level if ident is not None else None),
+                sensitivity_rule=rules[0],
+                permission_rule=rules[1],
                 **kw,
             )
 
@@ -107,6 +110,7 @@ class Engine:
             return out(R.NO_MATCHING_RULE)
         spec = p.sensitivity_levels[rule.level]
         matched.append(rule.id)
+        rules[0] = rule.id
         sensitivity = rule.level
         if p.context_extension_key and p.context_extension_key in a.context_extensions:
             ext_name = a.context_extensions[p.context_extension_key]
@@ -132,7 +136,7 @@ class Engine:
             return out(R.MISSING_CREDENTIAL)
 
         # 4. May this subject call this operation at all? (No acr hints: step-up cannot fix it.)
-        perm = p.tables.permission(a.method, path, _view(ident, a.principal))
+        perm = p.tables.permission(a.method, path, subject_view(ident, a.principal))
         if not perm.granted:
             if not ident.is_user:  # a workload without a grant: an end-user token might have one
                 return out(R.MISSING_CREDENTIAL, identity=ident)
@@ -140,6 +144,7 @@ class Engine:
                 return out(R.INSUFFICIENT_SCOPE, scope=perm.missing_scopes, identity=ident)
             return out(R.PERMISSION_DENIED, identity=ident)
         matched.append(perm.rule_id)
+        rules[1] = perm.rule_id
         if perm.workload:
             # A workload's own call (no end-user token), granted by an mTLS-principal rule.
             return out(R.WORKLOAD_GRANTED, identity=ident)
@@ -247,7 +252,8 @@ def _stricter(a: LevelSpec, b: LevelSpec) -> LevelSpec:
     )
 
 
-def _view(ident: Identity, principal: str) -> SubjectView:
+def subject_view(ident: Identity, principal: str) -> SubjectView:
+    """What the permission table may look at of an identity."""
     if not ident.is_user:
         return SubjectView(False, "", "", frozenset(), frozenset(), frozenset(), principal)
     return SubjectView(

@@ -269,6 +269,32 @@ class PermissionRule:
             return False, True
         return True, False
 
+    def missing(self, who: SubjectView) -> tuple[str, ...]:
+        """What keeps this rule from granting `who` (empty when it grants): the kinds that do not
+        match, e.g. ("roles", "scopes"), or "user_token" / "no_user_token" / "principals"."""
+        if self.anyone:
+            return ()
+        if self.workload_only:
+            if who.authenticated_user:
+                return ("no_user_token",)  # speaks for a workload acting on its own
+            return () if self._principal_ok(who.principal) else ("principals",)
+        if not who.authenticated_user:
+            return ("user_token",)
+        out = []
+        if self.issuers and who.issuer_id not in self.issuers:
+            out.append("issuers")
+        if self.users and who.subject not in self.users:
+            out.append("users")
+        if self.roles and self.roles.isdisjoint(who.roles):
+            out.append("roles")
+        if self.groups and self.groups.isdisjoint(who.groups):
+            out.append("groups")
+        if (self.principals_exact or self.principals_prefix) and not self._principal_ok(who.principal):
+            out.append("principals")
+        if self.scopes and self.scopes.isdisjoint(who.scopes):
+            out.append("scopes")
+        return tuple(out)
+
     def _principal_ok(self, principal: str) -> bool:
         if not principal:
             return False
@@ -309,6 +335,14 @@ class Tables:
 
     def sensitivity(self, method: str, path: str) -> SensitivityRule | None:
         return self._sensitivity.most_specific(method, path)
+
+    def sensitivity_candidates(self, method: str, path: str) -> tuple[SensitivityRule, ...]:
+        """Every sensitivity rule matching the operation, most specific first (the first wins)."""
+        return self._sensitivity.all_matches(method, path)
+
+    def permission_candidates(self, method: str, path: str) -> tuple[PermissionRule, ...]:
+        """Every permission rule matching the operation, in the order they are tried."""
+        return self._permissions.all_matches(method, path)
 
     def permission(self, method: str, path: str, who: SubjectView) -> PermissionResult:
         missing: list[str] = []
@@ -389,3 +423,5 @@ class Policy:
     upstream_headers: UpstreamHeaders
     warnings: tuple[str, ...] = ()
     files: tuple[str, ...] = ()  # other files the policy was read from (JWKS), watched for changes
+    # Rule ids per table ("sensitivity", "permissions", "risk"), in file order (for coverage).
+    rule_ids: dict[str, tuple[str, ...]] = field(default_factory=dict)

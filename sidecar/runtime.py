@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import reasons as R
+from sidecar import response
 from sidecar.attributes import RequestAttributes, from_check_request
 from sidecar.compiler import prime
 from sidecar.decision import Decision
@@ -50,6 +51,14 @@ class Evaluation:
     attrs: RequestAttributes | None
     policy: Policy
     error: BaseException | None
+
+
+def wire_answer(ev: Evaluation, decision_id: str) -> Any:
+    """The CheckResponse for an evaluation (what Envoy gets; also what `stepup-sidecar test` checks)."""
+    d, p = ev.decision, ev.policy
+    if d.allowed:
+        return response.allow(d, decision_id, p.upstream_headers)
+    return response.deny(d, decision_id, p.realm, ev.attrs.is_grpc if ev.attrs else False)
 
 
 class Runtime:

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from sidecar import response
 from sidecar.explain import explain_response
-from sidecar.runtime import INTERNAL, MALFORMED, Evaluation, Runtime
+from sidecar.runtime import INTERNAL, MALFORMED, Evaluation, Runtime, wire_answer
 from sidecar.telemetry import log_internal_error
 
 from sidecar._proto.stepup.v1 import explain_pb2, explain_pb2_grpc  # isort: skip
@@ -63,12 +63,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         decision_id = new_decision_id()
         ev = await self.runtime.evaluate(request)
         try:
-            d = ev.decision
-            p = ev.policy
-            if d.allowed:
-                resp = response.allow(d, decision_id, p.upstream_headers)
-            else:
-                resp = response.deny(d, decision_id, p.realm, ev.attrs.is_grpc if ev.attrs else False)
+            resp = wire_answer(ev, decision_id)
         except Exception as e:
             log_internal_error("could not build the response; denying", e)
             self.runtime.telemetry.metrics.internal_errors.inc()
@@ -88,7 +83,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainServicer):  # type: ignore[misc]
         decision_id = new_decision_id()
         ev = await self.runtime.evaluate(request)
         self.runtime.record(ev, decision_id, start_ns, explain=True)
-        return explain_response(ev.decision, ev.policy, decision_id, self.runtime.clock())
+        return explain_response(ev, decision_id, self.runtime.clock())
 
 
 def build_server(

@@ -158,7 +158,7 @@ def test_reflection_lists_our_services(session: list[tuple[Step, int, str]]) -> 
 
 def test_check_denies_with_a_step_up_challenge(session: list[tuple[Step, int, str]]) -> None:
     """The documented Check answers 401 with acr_values "phr phrh" and a JSON body."""
-    (out,) = [o for s, _, o in session if "Authorization/Check" in s.command]
+    out, grpc_out = [o for s, _, o in session if "Authorization/Check" in s.command]
     resp = json.loads(out)
     assert resp["status"]["code"] == 16
     denied = resp["denied_response"]
@@ -170,6 +170,11 @@ def test_check_denies_with_a_step_up_challenge(session: list[tuple[Step, int, st
     assert body["acr_values"] == "phr phrh"
     assert body["reason"] == "acr_too_low"
     assert "max_age" not in body
+    # The gRPC-shaped request: allowed, with the identity headers for the upstream.
+    ok = json.loads(grpc_out)
+    assert ok["dynamic_metadata"]["outcome"] == "allow"
+    set_ = {h["header"]["key"]: h["header"]["value"] for h in ok["ok_response"]["headers"]}
+    assert (set_["x-auth-subject"], set_["x-auth-assurance"]) == ("alice", "aal1")
 
 
 def test_explain_says_why(session: list[tuple[Step, int, str]]) -> None:
@@ -178,6 +183,9 @@ def test_explain_says_why(session: list[tuple[Step, int, str]]) -> None:
     assert (resp["outcome"], resp["reason"]) == ("step_up", "acr_too_low")
     assert resp["requirement"]["min_assurance"] == "aal2_phr"
     assert resp["presented"]["assurance"] == "aal1"
+    assert resp["presented"]["roles"] == ["teller"] and resp["presented"]["scopes"] == ["payments"]
+    assert resp["sensitivity_rules"] == [{"rule": "transfer", "level": "high", "won": True}]
+    assert resp["permissions"] == [{"rule": "tellers-transfer", "granted": True}]
 
 
 def test_ellipsis_matching_is_not_a_wildcard_for_everything() -> None:

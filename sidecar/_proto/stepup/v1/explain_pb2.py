@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from envoy.service.auth.v3 import external_auth_pb2 as envoy_dot_service_dot_auth_dot_v3_dot_external__auth__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17stepup/v1/explain.proto\x12\tstepup.v1\x1a)envoy/service/auth/v3/external_auth.proto\"|\n\x0bRequirement\x12\x13\n\x0bsensitivity\x18\x01 \x01(\t\x12\x15\n\rmin_assurance\x18\x02 \x01(\t\x12\x17\n\x0fmax_age_seconds\x18\x03 \x01(\x03\x12\x14\n\x0crequired_amr\x18\x04 \x03(\t\x12\x12\n\nrisk_rules\x18\x05 \x03(\t\"\x9a\x01\n\tPresented\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x11\n\tassurance\x18\x04 \x01(\t\x12\x0b\n\x03\x61\x63r\x18\x05 \x01(\t\x12\x0b\n\x03\x61mr\x18\x06 \x03(\t\x12\x18\n\x10\x61uth_age_seconds\x18\x07 \x01(\x03\x12\x12\n\ncredential\x18\x08 \x01(\t\"\xa9\x02\n\x0f\x45xplainResponse\x12\x0f\n\x07outcome\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0bhttp_status\x18\x03 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x15\n\rmatched_rules\x18\x05 \x03(\t\x12+\n\x0brequirement\x18\x06 \x01(\x0b\x32\x16.stepup.v1.Requirement\x12\'\n\tpresented\x18\x07 \x01(\x0b\x32\x14.stepup.v1.Presented\x12\x18\n\x10www_authenticate\x18\x08 \x01(\t\x12\x16\n\x0epolicy_version\x18\t \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\n \x01(\t\x12\x17\n\x0fnormalized_path\x18\x0b \x01(\t2U\n\x07\x45xplain\x12J\n\x07\x45xplain\x12#.envoy.service.auth.v3.CheckRequest\x1a\x1a.stepup.v1.ExplainResponseB\x14Z\x12stepup/v1;stepupv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17stepup/v1/explain.proto\x12\tstepup.v1\x1a)envoy/service/auth/v3/external_auth.proto\"|\n\x0bRequirement\x12\x13\n\x0bsensitivity\x18\x01 \x01(\t\x12\x15\n\rmin_assurance\x18\x02 \x01(\t\x12\x17\n\x0fmax_age_seconds\x18\x03 \x01(\x03\x12\x14\n\x0crequired_amr\x18\x04 \x03(\t\x12\x12\n\nrisk_rules\x18\x05 \x03(\t\"\xdf\x01\n\tPresented\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x11\n\tassurance\x18\x04 \x01(\t\x12\x0b\n\x03\x61\x63r\x18\x05 \x01(\t\x12\x0b\n\x03\x61mr\x18\x06 \x03(\t\x12\x18\n\x10\x61uth_age_seconds\x18\x07 \x01(\x03\x12\x12\n\ncredential\x18\x08 \x01(\t\x12\r\n\x05roles\x18\t \x03(\t\x12\x0e\n\x06groups\x18\n \x03(\t\x12\x0e\n\x06scopes\x18\x0b \x03(\t\x12\x14\n\x0clevel_source\x18\x0c \x01(\t\"@\n\x14SensitivityCandidate\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0b\n\x03won\x18\x03 \x01(\x08\"C\n\x11PermissionVerdict\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x0f\n\x07granted\x18\x02 \x01(\x08\x12\x0f\n\x07missing\x18\x03 \x03(\t\"U\n\x0bRiskVerdict\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\r\n\x05\x66ired\x18\x02 \x01(\x08\x12\x10\n\x08raise_by\x18\x03 \x01(\x05\x12\x17\n\x0fmax_age_seconds\x18\x04 \x01(\x03\"\xc2\x04\n\x0f\x45xplainResponse\x12\x0f\n\x07outcome\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0bhttp_status\x18\x03 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x15\n\rmatched_rules\x18\x05 \x03(\t\x12+\n\x0brequirement\x18\x06 \x01(\x0b\x32\x16.stepup.v1.Requirement\x12\'\n\tpresented\x18\x07 \x01(\x0b\x32\x14.stepup.v1.Presented\x12\x18\n\x10www_authenticate\x18\x08 \x01(\t\x12\x16\n\x0epolicy_version\x18\t \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\n \x01(\t\x12\x17\n\x0fnormalized_path\x18\x0b \x01(\t\x12:\n\x11sensitivity_rules\x18\x0c \x03(\x0b\x32\x1f.stepup.v1.SensitivityCandidate\x12\x31\n\x0bpermissions\x18\r \x03(\x0b\x32\x1c.stepup.v1.PermissionVerdict\x12%\n\x05risks\x18\x0e \x03(\x0b\x32\x16.stepup.v1.RiskVerdict\x12\x38\n\x07headers\x18\x0f \x03(\x0b\x32\'.stepup.v1.ExplainResponse.HeadersEntry\x12\x17\n\x0fremoved_headers\x18\x10 \x03(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32U\n\x07\x45xplain\x12J\n\x07\x45xplain\x12#.envoy.service.auth.v3.CheckRequest\x1a\x1a.stepup.v1.ExplainResponseB\x14Z\x12stepup/v1;stepupv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,22 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stepup.v1.explain_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\022stepup/v1;stepupv1'
+  _globals['_EXPLAINRESPONSE_HEADERSENTRY']._loaded_options = None
+  _globals['_EXPLAINRESPONSE_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_REQUIREMENT']._serialized_start=81
   _globals['_REQUIREMENT']._serialized_end=205
   _globals['_PRESENTED']._serialized_start=208
-  _globals['_PRESENTED']._serialized_end=362
-  _globals['_EXPLAINRESPONSE']._serialized_start=365
-  _globals['_EXPLAINRESPONSE']._serialized_end=662
-  _globals['_EXPLAIN']._serialized_start=664
-  _globals['_EXPLAIN']._serialized_end=749
+  _globals['_PRESENTED']._serialized_end=431
+  _globals['_SENSITIVITYCANDIDATE']._serialized_start=433
+  _globals['_SENSITIVITYCANDIDATE']._serialized_end=497
+  _globals['_PERMISSIONVERDICT']._serialized_start=499
+  _globals['_PERMISSIONVERDICT']._serialized_end=566
+  _globals['_RISKVERDICT']._serialized_start=568
+  _globals['_RISKVERDICT']._serialized_end=653
+  _globals['_EXPLAINRESPONSE']._serialized_start=656
+  _globals['_EXPLAINRESPONSE']._serialized_end=1234
+  _globals['_EXPLAINRESPONSE_HEADERSENTRY']._serialized_start=1188
+  _globals['_EXPLAINRESPONSE_HEADERSENTRY']._serialized_end=1234
+  _globals['_EXPLAIN']._serialized_start=1236
+  _globals['_EXPLAIN']._serialized_end=1321
 # @@protoc_insertion_point(module_scope)

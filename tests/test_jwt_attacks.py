@@ -99,8 +99,8 @@ def test_with_two_issuers_roles_must_say_whose(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as e:
         load_policy_text(yaml.safe_dump(doc), file="two.yaml", base_dir=EXAMPLE_POLICY.parent)
     text = str(e.value)
-    assert "permissions[3].allow: with more than one issuer, roles must say whose" in text
-    assert "permissions[2].allow: with more than one issuer, roles and scopes must say whose" in text
+    assert "permissions[2].allow: with more than one issuer, roles must say whose" in text
+    assert "permissions[1].allow: with more than one issuer, roles and scopes must say whose" in text
     assert "`issuers: [...]` (one of dev, partner)" in text
 
 

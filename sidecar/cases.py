@@ -17,8 +17,11 @@ Shared by `stepup-sidecar test` (a case's `request:`) and `stepup-sidecar explai
     principal: spiffe://...            the mTLS peer
     source: 203.0.113.9                the peer address (default 127.0.0.1)
     headers: {x-device-id: laptop-7}   more request headers
+    header_map: [[x-a, "1"], [x-a, "2"]]  headers as Envoy sends them with encode_raw_headers
+                                       (repeated keys kept apart; a value may be !!binary)
     context_extensions: {sensitivity: critical}
     host: bank.example.test
+    raw: {...}                         a whole CheckRequest as JSON instead (nothing else then)
 
 Claims "taken as verified" ride on a placeholder bearer token that a `PresetVerifier` answers
 with the given claims; everything else (attributes, engine, response) runs as for a real Check.
@@ -36,7 +39,7 @@ from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 
 from sidecar import reasons as R
 from sidecar.attributes import JWT_AUTHN_NAMESPACE
@@ -61,6 +64,8 @@ REQUEST_KEYS = frozenset(
         "headers",
         "context_extensions",
         "host",
+        "header_map",
+        "raw",
     }
 )
 PLACEHOLDER_PREFIX = "stepup-test-claims."
@@ -109,6 +114,14 @@ def build_request(
             f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(REQUEST_KEYS))})"
         )
     at = parse_time(raw["at"], f"{where}.at") if "at" in raw else (time.time() if now is None else now)
+    if "raw" in raw:
+        if set(raw) - {"raw", "at"}:
+            raise CaseError(f"{where}: `raw` is a whole CheckRequest: nothing but `at` goes with it")
+        try:
+            check = json_format.ParseDict(raw["raw"], external_auth_pb2.CheckRequest())
+        except json_format.ParseError as e:
+            raise CaseError(f"{where}.raw: not a CheckRequest: {e}") from None
+        return BuiltRequest(check, at)
 
     grpc = False
     if "grpc" in raw:
@@ -158,14 +171,19 @@ def build_request(
     http = attribute_context_pb2.AttributeContext.HttpRequest(
         method=method, path=path, host=str(raw.get("host", "bank.example.test"))
     )
-    if len({k for k, _ in headers}) == len(headers):
-        http.headers.update(dict(headers))
-    else:  # a repeated header: as Envoy sends it with encode_raw_headers
+    pairs: list[tuple[str, bytes]] = [(k, v.encode()) for k, v in headers]
+    if "header_map" in raw:
+        hm = raw["header_map"]
+        if not isinstance(hm, list) or not all(isinstance(x, list | tuple) and len(x) == 2 for x in hm):
+            raise CaseError(f"{where}.header_map: a list of [name, value] pairs")
+        pairs += [(str(k), v if isinstance(v, bytes) else str(v).encode()) for k, v in hm]
+    if "header_map" in raw or len({k for k, _ in headers}) != len(headers):
+        # As Envoy sends them with encode_raw_headers: repeated keys kept apart.
         http.header_map.CopyFrom(
-            base_pb2.HeaderMap(
-                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers]
-            )
+            base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v) for k, v in pairs])
         )
+    else:
+        http.headers.update(dict(headers))
     attrs = attribute_context_pb2.AttributeContext(
         request=attribute_context_pb2.AttributeContext.Request(http=http)
     )

@@ -49,7 +49,7 @@ from sidecar.telemetry import Metrics, Telemetry
 EXPECT_KEYS = frozenset(
     {"outcome", "reason", "status", "error", "acr_values", "max_age", "scope", "upstream", "rules"}
 )
-CASE_KEYS = frozenset({"name", "request", "expect"})
+CASE_KEYS = frozenset({"name", "why", "request", "expect"})
 _PARAM = re.compile(r'([A-Za-z0-9_-]+)=("(?:[^"\\]|\\.)*"|[^,\s]*)')
 
 
@@ -81,6 +81,9 @@ class Result:
     got: dict[str, Any] = field(default_factory=dict)
     decision: Decision | None = None
     seconds: float = 0.0
+    response: Any = None  # the CheckResponse
+    request: Any = None  # the CheckRequest the case stood for
+    presets: dict[str, Any] = field(default_factory=dict)  # its placeholder token -> claims
 
 
 def load_suite(path: Path) -> Suite:
@@ -147,9 +150,13 @@ def run_suite(suite: Suite, policy: Policy, select: re.Pattern[str] | None = Non
             verifier.presets.update(built.presets)
             clock.now = built.at
             ev = loop.run_until_complete(runtime.evaluate(built.check))
-            got = observe(wire_answer(ev, "stepup-test"), ev.decision)
+            resp = wire_answer(ev, "stepup-test")
+            got = observe(resp, ev.decision)
             diffs = compare(case.expect, got)
-            results.append(Result(case, not diffs, diffs, got, ev.decision, time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            results.append(
+                Result(case, not diffs, diffs, got, ev.decision, seconds, resp, built.check, built.presets)
+            )
     finally:
         loop.close()
     return results

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import yaml
 
@@ -95,3 +99,28 @@ def test_every_decision_is_built_from_a_registered_reason() -> None:
         "engine.py:return Decision(",
         "runtime.py:return Decision(r.outcome, r.code, r.http_status, r.description, error=r.error)",
     ]
+
+
+def test_the_complete_test_file_example_runs_and_passes(tmp_path: Path) -> None:
+    """The README's complete test file is a real one: it runs against the example policy."""
+    suite = tmp_path / "t.yaml"
+    suite.write_text(_block_after("A test file, complete:"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "test", "--policy", str(EXAMPLE_POLICY), str(suite)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == "1 passed, 0 failed"
+
+
+def test_the_explain_session_is_what_explain_prints() -> None:
+    block = _block_after("## Why this answer? `stepup-sidecar explain`", "console")
+    command, _, expected = block.partition("\n")
+    while command.endswith("\\"):
+        more, _, expected = expected.partition("\n")
+        command = command[:-1] + more.strip()
+    args = shlex.split(command.removeprefix("$ "))
+    assert args[0] == "stepup-sidecar"
+    proc = subprocess.run([sys.executable, "-m", "sidecar", *args[1:]], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == expected.strip()

@@ -15,8 +15,6 @@ COPY sidecar/ sidecar/
 RUN python -m venv /opt/venv \
  && python -m pip wheel --no-cache-dir --no-deps -w /wheels . \
  && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt /wheels/*.whl \
- # xds-protos overwrites opentelemetry-proto's modules with an older copy: restore them.
- && /opt/venv/bin/pip install --no-cache-dir --force-reinstall --no-deps -c constraints.txt opentelemetry-proto \
  && /opt/venv/bin/python -c "import opentelemetry.exporter.otlp.proto.grpc.trace_exporter" \
  && /opt/venv/bin/pip uninstall -y pip setuptools wheel \
  && /opt/venv/bin/stepup-sidecar --version

@@ -7,8 +7,10 @@ LISTEN ?= 127.0.0.1:9191
 
 .PHONY: run test lint proto proto-check bench demo clean
 
-# xds-protos ships an old copy of opentelemetry/proto/* over opentelemetry-proto's files, which
-# breaks the OTLP exporter: the last install line puts the real ones back (tests/test_telemetry.py).
+# The test extra's xds-protos (to regenerate sidecar/_proto; not a run-time dependency) ships an old
+# copy of opentelemetry/proto/* over opentelemetry-proto's files: the last install line puts the
+# real ones back in this development venv. A plain `pip install` of the wheel never has xds-protos
+# (tests/test_plain_install.py).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

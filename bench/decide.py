@@ -23,10 +23,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 
 from sidecar import response  # noqa: E402
+from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
 from sidecar.attributes import from_check_request  # noqa: E402
 from sidecar.compiler import load_policy  # noqa: E402
 from sidecar.engine import Engine  # noqa: E402

@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
-from envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
 
 from bench.decide import generated_policy  # noqa: E402
 from examples.stack import free_port, wait_serving  # noqa: E402
+from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
 from tests.helpers import check_request, make_token  # noqa: E402
 
 CHECK = "/envoy.service.auth.v3.Authorization/Check"

@@ -31,7 +31,7 @@ from tests.helpers import ACR_PHR, EXAMPLE_POLICY, check_request, make_token  # 
 
 BARE = """
 import asyncio, sys, uvloop, grpc
-from envoy.service.auth.v3 import external_auth_pb2 as pb, external_auth_pb2_grpc as rpc
+from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as pb, external_auth_pb2_grpc as rpc
 from google.rpc import status_pb2
 OK = pb.CheckResponse(status=status_pb2.Status(code=0))
 class S(rpc.AuthorizationServicer):

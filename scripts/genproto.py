@@ -1,7 +1,11 @@
-"""Generate sidecar/_proto from proto/ with grpcio-tools.
+"""Generate sidecar/_proto from proto/ with grpcio-tools, and the Envoy API classes the sidecar
+uses (envoy.service.auth.v3 and what it imports) from the descriptors of `xds-protos`.
 
-Envoy's .proto sources are not copied into this repository: the descriptors that our protos import
-are taken from the installed `xds-protos` package and handed to protoc as a descriptor set.
+Envoy's .proto sources are not copied into this repository: the descriptors are taken from the
+installed `xds-protos` package (a build and test dependency only) and handed to protoc as a
+descriptor set, and protoc generates Python for them under sidecar/_proto/ (imports rewritten to
+the package). So the installed sidecar does not depend on xds-protos at run time, whose copy of
+`opentelemetry/proto` would otherwise overwrite opentelemetry-proto's and break the OTLP exporter.
 Usage: python scripts/genproto.py [--check]
 """
 
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import re
 import shutil
 import sys
 import tempfile
@@ -22,7 +27,20 @@ PROTO_DIR = ROOT / "proto"
 OUT_DIR = ROOT / "sidecar" / "_proto"
 
 
-def _descriptor_set() -> bytes:
+# Top-level packages of the generated Envoy closure: imported as sidecar._proto.<package>.
+VENDORED_PACKAGES = ("envoy", "udpa", "validate", "xds")
+
+
+def _envoy_files() -> list[str]:
+    """The proto files of external_auth.proto's closure that are not google's own."""
+    return [
+        name
+        for name in _closure()
+        if name.split("/")[0] in VENDORED_PACKAGES
+    ]
+
+
+def _closure() -> dict[str, descriptor_pb2.FileDescriptorProto]:
     from envoy.service.auth.v3 import external_auth_pb2
 
     seen: dict[str, descriptor_pb2.FileDescriptorProto] = {}
@@ -37,7 +55,11 @@ def _descriptor_set() -> bytes:
         seen[fd.name] = proto
 
     visit(external_auth_pb2.DESCRIPTOR)
-    return descriptor_pb2.FileDescriptorSet(file=list(seen.values())).SerializeToString()
+    return seen
+
+
+def _descriptor_set() -> bytes:
+    return descriptor_pb2.FileDescriptorSet(file=list(_closure().values())).SerializeToString()
 
 
 def generate(out: Path) -> None:
@@ -54,15 +76,24 @@ def generate(out: Path) -> None:
             f"--pyi_out={out}",
             f"--grpc_python_out={out}",
             *protos,
+            *_envoy_files(),
         ]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
     # protoc writes absolute-style imports ("from stepup.v1 import ..."); make them package-relative.
-    for py in out.rglob("*.py"):
+    packages = ("stepup", "bank", *VENDORED_PACKAGES)
+    for py in [*out.rglob("*.py"), *out.rglob("*.pyi")]:
         text = py.read_text()
-        text = text.replace("from stepup.v1 import", "from sidecar._proto.stepup.v1 import")
-        text = text.replace("from bank.v1 import", "from sidecar._proto.bank.v1 import")
+        for pkg in packages:
+            text = re.sub(rf"^from {pkg}(\.| import)", rf"from sidecar._proto.{pkg}\1", text, flags=re.M)
+            text = re.sub(rf"^import {pkg}\.", f"import sidecar._proto.{pkg}.", text, flags=re.M)
         py.write_text(text)
+    # Only external_auth.proto defines a service the sidecar serves; the other *_pb2_grpc files
+    # of the Envoy closure are empty.
+    for grpc_py in out.rglob("*_pb2_grpc.py"):
+        rel = grpc_py.relative_to(out).parts
+        if rel[0] in VENDORED_PACKAGES and grpc_py.name != "external_auth_pb2_grpc.py":
+            grpc_py.unlink()
     for d in [out, *[p for p in out.rglob("*") if p.is_dir()]]:
         (d / "__init__.py").touch()
 

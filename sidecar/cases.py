@@ -37,11 +37,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from google.protobuf import json_format, struct_pb2
 
 from sidecar import reasons as R
+from sidecar._proto.envoy.config.core.v3 import base_pb2
+from sidecar._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from sidecar.attributes import JWT_AUTHN_NAMESPACE
 from sidecar.policy import Policy
 from sidecar.policyfile import parse_duration

@@ -6,11 +6,11 @@ import base64
 import json
 from typing import Any
 
-from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from sidecar._proto.envoy.config.core.v3 import base_pb2
+from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2
 from sidecar.decision import Decision
 from sidecar.policy import UpstreamHeaders
 
@@ -124,7 +124,7 @@ def deny(d: Decision, decision_id: str, realm: str, is_grpc: bool) -> Any:
     resp.status.code = grpc_code
     resp.status.message = d.reason
     denied = resp.denied_response
-    denied.status.code = d.http_status
+    denied.status.code = d.http_status  # type: ignore[assignment]  # an envoy.type.v3.StatusCode
     _set_headers(denied.headers, headers)
     denied.body = body
     _metadata(resp, d, decision_id)

@@ -11,11 +11,11 @@ import time
 from typing import Any
 
 import grpc
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sidecar import response
+from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from sidecar.explain import explain_response
 from sidecar.runtime import INTERNAL, MALFORMED, Evaluation, Runtime, wire_answer
 from sidecar.telemetry import log_internal_error

@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from google.protobuf import struct_pb2
 from joserfc import jwt
 from joserfc.jwk import import_key
+
+from sidecar._proto.envoy.config.core.v3 import base_pb2
+from sidecar._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_POLICY = ROOT / "examples" / "policy.yaml"

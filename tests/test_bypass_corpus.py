@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from envoy.config.core.v3 import base_pb2
 
+from sidecar._proto.envoy.config.core.v3 import base_pb2
 from sidecar.cases import PresetVerifier
 from sidecar.compiler import load_policy
 from sidecar.policy import Policy

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from examples.stack import free_port, wait_serving
+from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from tests.helpers import EXAMPLE_POLICY, check_request
 
 

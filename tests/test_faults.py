@@ -21,11 +21,11 @@ from typing import Any
 
 import grpc
 import yaml
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from joserfc.jwk import RSAKey, import_key
 
 from examples.stack import free_port, wait_serving
+from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from sidecar.compiler import load_policy, load_policy_text
 from sidecar.keys import RemoteKeys
 from sidecar.runtime import PolicyWatcher

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
-from envoy.service.auth.v3 import external_auth_pb2
 
+from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2
 from sidecar.compiler import load_policy_text
 from sidecar.runtime import Runtime
 from sidecar.server import AuthorizationServicer

@@ -527,9 +527,6 @@ def test_istio_proxy_rejects_header_names_with_underscores() -> None:
     """`x_auth_subject` cannot stand in for `x-auth-subject` (CGI-style upstreams fold '_' into '-'):
     an EnvoyFilter on the bank's inbound listener sets REJECT_REQUEST, and its patch is a valid
     HttpConnectionManager fragment for the real Envoy API (parsed with xds-protos)."""
-    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
-    from google.protobuf import json_format
-
     target = "overlays/istio"
     ef = one(target, "EnvoyFilter")
     assert ef["metadata"]["namespace"] == "bank"
@@ -541,9 +538,18 @@ def test_istio_proxy_rejects_header_names_with_underscores() -> None:
     assert patch["patch"]["operation"] == "MERGE"
     typed = dict(patch["patch"]["value"]["typed_config"])
     assert typed.pop("@type").endswith("http_connection_manager.v3.HttpConnectionManager")
-    hcm = json_format.ParseDict(typed, http_connection_manager_pb2.HttpConnectionManager())
-    options = hcm.common_http_protocol_options
-    assert options.headers_with_underscores_action == options.REJECT_REQUEST
+    # xds-protos' full Envoy API, in a process of its own (this one has the sidecar's own copy of
+    # the ext_authz closure in its descriptor pool).
+    script = (
+        "import json, sys\n"
+        "from google.protobuf import json_format\n"
+        "from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as m\n"
+        "hcm = json_format.ParseDict(json.loads(sys.argv[1]), m.HttpConnectionManager())\n"
+        "o = hcm.common_http_protocol_options\n"
+        "print(o.headers_with_underscores_action == o.REJECT_REQUEST)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(typed)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
 
 
 @pytest.mark.parametrize("config", ["examples/envoy/envoy.yaml", "examples/envoy/envoy-jwt-authn.yaml", "k8s/overlays/envoy/envoy.yaml"])

@@ -35,12 +35,12 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, Phase, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
+from sidecar._proto.envoy.config.core.v3 import base_pb2
+from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2
 from sidecar.compiler import load_policy
 from sidecar.runtime import Runtime
 from sidecar.server import AuthorizationServicer

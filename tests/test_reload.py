@@ -24,9 +24,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from examples.stack import free_port, wait_serving
+from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from sidecar.compiler import PolicyError, load_policy
 from sidecar.engine import Engine
 from sidecar.isolated import load_isolated, retire

@@ -12,8 +12,6 @@ from typing import Any
 
 import grpc
 import pytest
-from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -21,6 +19,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from sidecar._proto.envoy.config.core.v3 import base_pb2
+from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from sidecar._proto.stepup.v1 import explain_pb2_grpc
 from sidecar.compiler import load_policy
 from sidecar.runtime import Runtime

@@ -24,9 +24,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import struct_pb2
 
+from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2
 from tests.helpers import ACR_1FA, ACR_2FA, ACR_PHR, ACR_PHRH, ISSUER, NOW, PRIVATE_JWK
 
 SECOND_ISSUER = "https://login.partner.test/tenant-1"  # the variant policy's second issuer

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
+from sidecar._proto.envoy.config.core.v3 import base_pb2
+from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2
 from sidecar.compiler import load_policy_text
 from sidecar.runtime import Runtime
 from sidecar.server import AuthorizationServicer

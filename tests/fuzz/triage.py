@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
 from google.protobuf import json_format  # noqa: E402
 
+from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
 from tests.fuzz import generate as g  # noqa: E402
 from tests.fuzz.harness import Target, Violation, load_regression, parse_request  # noqa: E402
 

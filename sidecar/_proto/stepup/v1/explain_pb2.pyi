@@ -1,4 +1,4 @@
-from envoy.service.auth.v3 import external_auth_pb2 as _external_auth_pb2
+from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as _external_auth_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

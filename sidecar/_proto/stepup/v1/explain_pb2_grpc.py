@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from envoy.service.auth.v3 import external_auth_pb2 as envoy_dot_service_dot_auth_dot_v3_dot_external__auth__pb2
+from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2 as envoy_dot_service_dot_auth_dot_v3_dot_external__auth__pb2
 from sidecar._proto.stepup.v1 import explain_pb2 as stepup_dot_v1_dot_explain__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'

@@ -28,7 +28,7 @@ from sidecar.keys import KeyStore, RemoteKeys
 from sidecar.policy import Policy
 from sidecar.policyfile import PolicyError
 from sidecar.reasons import Reason
-from sidecar.telemetry import Telemetry, log_internal_error
+from sidecar.telemetry import Telemetry, log_internal_error, trace_ids
 from sidecar.tokens import Verifier
 
 log = logging.getLogger("stepup")
@@ -127,8 +127,14 @@ class Runtime:
 
     def record(self, ev: Evaluation, decision_id: str, start_ns: int, *, explain: bool = False) -> None:
         try:
-            parent = self.telemetry.parent(ev.attrs.headers) if ev.attrs is not None else None
-            self.telemetry.record(
+            tel = self.telemetry
+            parent = ids = None
+            if ev.attrs is not None:
+                if tel.tracing:
+                    parent = tel.parent(ev.attrs.headers)
+                else:
+                    ids = trace_ids(ev.attrs.headers)
+            tel.record(
                 decision=ev.decision,
                 attrs=ev.attrs,
                 decision_id=decision_id,
@@ -137,6 +143,7 @@ class Runtime:
                 parent=parent,
                 error=ev.error,
                 explain=explain,
+                ids=ids or ("", ""),
             )
         except Exception as e:
             log_internal_error("telemetry failed", e, decision_id=decision_id)

@@ -288,6 +288,10 @@ class Telemetry:
         self._counters: dict[tuple[str, str], Any] = {}
         self._tracing = provider is not None
 
+    @property
+    def tracing(self) -> bool:
+        return self._tracing
+
     def parent(self, carrier: Mapping[str, str]) -> Context:
         return self.propagator.extract(carrier)
 
@@ -302,7 +306,10 @@ class Telemetry:
         parent: Context | None,
         error: BaseException | None = None,
         explain: bool = False,
+        ids: tuple[str, str] = ("", ""),
     ) -> None:
+        """`parent`: the caller's trace context, when tracing; `ids`: the caller's trace and span
+        ids when not (read straight off the headers: no OpenTelemetry context work then)."""
         fields = decision_fields(decision, decision_id, policy_version)
         # The method is request content: only a valid method token goes to the span and the log.
         method = attrs.method if attrs is not None and valid_method(attrs.method) else ""
@@ -328,7 +335,6 @@ class Telemetry:
             span.end(end_time=end_ns)
             ctx = span.get_span_context()
         elif parent is not None:
-            # No exporter: still log the caller's trace id, so logs join the trace.
             ctx = trace.get_current_span(parent).get_span_context()
         duration = (end_ns - start_ns) / 1e9
         if explain:
@@ -341,21 +347,16 @@ class Telemetry:
             counter.inc()
             self.metrics.latency.observe(duration)
         if self.decision_log is not None:
-            line: dict[str, Any] = {
-                "ts": round(end_ns / 1e9, 6),
-                "event": "decision",
-                "trace_id": format(ctx.trace_id, "032x") if ctx is not None and ctx.is_valid else "",
-                "span_id": format(ctx.span_id, "016x") if ctx is not None and ctx.is_valid else "",
-                **fields,
-                "method": method,
-                "grpc": attrs.is_grpc if attrs else False,
-                "duration_us": round(duration * 1e6, 1),
-            }
-            if explain:
-                line["explain"] = True  # decided like a Check, answered to Explain, not enforced
-            if error is not None:
-                line["error"] = type(error).__name__
-            self.decision_log.write(json.dumps(line, separators=(",", ":")) + "\n")
+            if ctx is not None and ctx.is_valid:
+                trace_id, span_id = format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+            else:
+                trace_id, span_id = ids
+            self.decision_log.write(
+                decision_line(
+                    end_ns, trace_id, span_id, fields, method, attrs.is_grpc if attrs else False, duration,
+                    explain, type(error).__name__ if error is not None else "",
+                )
+            )
 
     def flush(self) -> None:
         if self.decision_log is not None:
@@ -368,6 +369,65 @@ class Telemetry:
         self.flush()
         if isinstance(self.provider, TracerProvider):
             self.provider.shutdown()
+
+
+_str = json.encoder.encode_basestring_ascii  # C: "..." with escapes
+
+
+def decision_line(
+    end_ns: int,
+    trace_id: str,
+    span_id: str,
+    f: dict[str, Any],
+    method: str,
+    grpc: bool,
+    duration: float,
+    explain: bool,
+    error: str,
+) -> str:
+    """The decision log line: the JSON `json.dumps` would write for these fields, built directly
+    (it is written for every Check). Strings from a token or a peer are escaped; the others are
+    policy ids, codes and hex that need no escaping, but go through the same escaper anyway where
+    a policy author could have chosen them."""
+    rules = ",".join(_str(r) for r in f["rules"])
+    risk = ",".join(_str(r) for r in f["risk_rules"])
+    extra = ',"explain":true' if explain else ""
+    if error:
+        extra += ',"error":' + _str(error)
+    return (
+        f'{{"ts":{round(end_ns / 1e9, 6)},"event":"decision","trace_id":"{trace_id}","span_id":"{span_id}",'
+        f'"decision_id":"{f["decision_id"]}","outcome":"{f["outcome"]}","reason":"{f["reason"]}",'
+        f'"http_status":{f["http_status"]},"rules":[{rules}],"sensitivity":{_str(f["sensitivity"])},'
+        f'"required_assurance":{_str(f["required_assurance"])},"required_max_age":{f["required_max_age"]},'
+        f'"risk_rules":[{risk}],"presented_assurance":{_str(f["presented_assurance"])},'
+        f'"subject":{_str(f["subject"])},"issuer":{_str(f["issuer"])},"principal":{_str(f["principal"])},'
+        f'"credential":"{f["credential"]}","policy_version":{_str(f["policy_version"])},'
+        f'"method":{_str(method)},"grpc":{"true" if grpc else "false"},'
+        f'"duration_us":{round(duration * 1e6, 1)}{extra}}}\n'
+    )
+
+
+def trace_ids(headers: Mapping[str, str]) -> tuple[str, str]:
+    """The caller's trace and span ids straight off the headers (W3C traceparent, else B3), for
+    the decision log when nothing is traced; ("", "") when there are none or they are malformed."""
+    tp = headers.get("traceparent")
+    if tp is not None:
+        sc = _parse_traceparent(tp)
+        return (format(sc.trace_id, "032x"), format(sc.span_id, "016x")) if sc is not None else ("", "")
+    b3 = headers.get("b3")
+    if b3 is not None:
+        parts = b3.split("-")
+        if len(parts) >= 2 and len(parts[0]) in (16, 32) and len(parts[1]) == 16:
+            tid, sid = parts[0].rjust(32, "0"), parts[1]
+            if _HEX.issuperset(tid) and _HEX.issuperset(sid) and int(tid, 16) and int(sid, 16):
+                return tid, sid
+        return "", ""
+    tid, sid = headers.get("x-b3-traceid", ""), headers.get("x-b3-spanid", "")
+    if len(tid) in (16, 32) and len(sid) == 16:
+        tid = tid.rjust(32, "0")
+        if _HEX.issuperset(tid) and _HEX.issuperset(sid) and int(tid, 16) and int(sid, 16):
+            return tid, sid
+    return "", ""
 
 
 def decision_fields(d: Decision, decision_id: str, policy_version: str) -> dict[str, Any]:

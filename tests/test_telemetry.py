@@ -114,3 +114,63 @@ def test_unknown_exporter_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
     with pytest.raises(ValueError, match="unsupported OTEL_TRACES_EXPORTER 'zipkin'"):
         tracer_provider_from_env()
+
+
+# --- the hot path's hand-built parts equal what the general code would make -----------------------
+
+import json as _json  # noqa: E402
+
+from sidecar import response as _response  # noqa: E402
+from sidecar.decision import Decision as _Decision  # noqa: E402
+from sidecar.decision import Outcome as _Outcome  # noqa: E402
+from sidecar.identity import Identity as _Identity  # noqa: E402
+from sidecar.policy import UpstreamHeaders as _UpstreamHeaders  # noqa: E402
+from sidecar.telemetry import decision_fields, decision_line, trace_ids  # noqa: E402
+
+_TRICKY = ["alice", 'a"b\\c', "é\u2028\U0001f600", "new\nline", "</script>", "x" * 300]
+
+
+@pytest.mark.parametrize("subject", _TRICKY)
+def test_the_decision_line_is_the_json_of_its_fields(subject: str) -> None:
+    ident = _Identity("bearer", principal='spiffe://a/"b"', issuer_id="dev", issuer="https://i", subject=subject)
+    d = _Decision(_Outcome.STEP_UP, "acr_too_low", 401, "x", matched_rules=("r1", "r-2"), sensitivity="high+x",
+                  identity=ident, required_assurance="aal2", presented_assurance="aal1")
+    fields = decision_fields(d, "0123456789abcdef", "p@1")
+    line = decision_line(1_800_000_000_123_456_789, "ab" * 16, "cd" * 8, fields, "GET", True, 0.0001234, True, "KeyError")
+    assert line.endswith("\n") and line.count("\n") == 1
+    expected = {
+        "ts": round(1_800_000_000.123456789, 6), "event": "decision", "trace_id": "ab" * 16, "span_id": "cd" * 8,
+        **fields, "method": "GET", "grpc": True, "duration_us": 123.4, "explain": True, "error": "KeyError",
+    }
+    assert _json.loads(line) == expected
+    assert list(_json.loads(line)) == list(expected)  # and in the same order
+
+
+@pytest.mark.parametrize(
+    ("headers", "ids"),
+    [
+        ({"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}, ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")),
+        ({"traceparent": "00-00000000000000000000000000000000-00f067aa0ba902b7-01"}, ("", "")),
+        ({"traceparent": "garbage"}, ("", "")),
+        ({"b3": "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"}, ("80f198ee56343ba864fe8b2a57d3eff7", "e457b5a2e4d86bd1")),
+        ({"b3": "64fe8b2a57d3eff7-e457b5a2e4d86bd1"}, ("000000000000000064fe8b2a57d3eff7", "e457b5a2e4d86bd1")),
+        ({"x-b3-traceid": "80f198ee56343ba864fe8b2a57d3eff7", "x-b3-spanid": "e457b5a2e4d86bd1"}, ("80f198ee56343ba864fe8b2a57d3eff7", "e457b5a2e4d86bd1")),
+        ({"x-b3-traceid": "zz", "x-b3-spanid": "e457b5a2e4d86bd1"}, ("", "")),
+        ({}, ("", "")),
+    ],
+)
+def test_trace_ids_come_straight_off_the_headers(headers: dict[str, str], ids: tuple[str, str]) -> None:
+    assert trace_ids(headers) == ids
+
+
+@pytest.mark.parametrize("subject", [*_TRICKY, _response._PLACEHOLDER, "y" * 600])
+def test_an_allow_from_a_template_is_the_same_bytes(subject: str) -> None:
+    hdrs = _UpstreamHeaders()
+    ident = _Identity("bearer", issuer_id="dev", issuer="https://idp", subject=subject)
+    for d in (
+        _Decision(_Outcome.ALLOW, "allowed", 200, identity=ident, presented_assurance="aal2"),
+        _Decision(_Outcome.ALLOW, "public", 200),
+        _Decision(_Outcome.ALLOW, "workload_granted", 200, identity=_Identity("mtls", principal="spiffe://x")),
+    ):
+        for did in ("0123456789abcdef", "fedcba9876543210"):
+            assert _response.allow_bytes(d, did, hdrs) == _response.allow(d, did, hdrs).SerializeToString()

@@ -42,7 +42,7 @@ async def _steady(address: str, bodies: list[bytes]) -> int:
             pending.add(asyncio.ensure_future(call(bodies[i % len(bodies)], timeout=10)))
             sent += 1
             if len(pending) > 64:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         await asyncio.gather(*pending)
     return sent
 

@@ -54,6 +54,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> int:
+    """A port p such that p .. p+n-1 were all free a moment ago (for `serve --workers n`, and for
+    the Envoy configs' one endpoint per worker)."""
+    for _ in range(100):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        held = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise StackError(f"no block of {n} free ports")
+
+
 def health_status(address: str, service: str = "", timeout: float = 0.5) -> int:
     """grpc.health.v1 Check, as a kubelet gRPC probe asks it: the status, or -1 if unreachable."""
     with grpc.insecure_channel(address) as ch:
@@ -258,11 +280,12 @@ def new_sidecar(
     console_spans: bool | None = True,
     decision_log: bool = True,
     policy: Path = POLICY,
+    workers: int = 1,
 ) -> Sidecar:
     """A not-yet-started sidecar serving `policy`. Spans: True writes them as JSON on stdout,
     False turns tracing off, None leaves it to the caller's OTEL_* environment. With
-    `decision_log` the decision log goes to stderr."""
-    port = port or free_port()
+    `decision_log` the decision log goes to stderr. With `workers` > 1, worker i is on port + i."""
+    port = port or free_ports(max(workers, 2))
     env = {"PYTHONUNBUFFERED": "1"}
     if console_spans:
         env |= {"OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "100"}
@@ -284,6 +307,8 @@ def new_sidecar(
         "0.5",
         "--log-level",
         "warning",
+        "--workers",
+        str(workers),
     ]
     return Sidecar(Proc(name, argv, workdir, env), port)
 
@@ -339,8 +364,10 @@ def envoy_config(src: Path, *, ext_authz: int, bank_upstream: int, http_upstream
         ("bank_upstream", bank_upstream),
         ("http_upstream", http_upstream),
     ):
-        (ep,) = [e for group in clusters[name]["load_assignment"]["endpoints"] for e in group["lb_endpoints"]]
-        ep["endpoint"]["address"]["socket_address"]["port_value"] = port
+        # ext_authz lists one endpoint per sidecar worker: worker i on ext_authz + i.
+        eps = [e for group in clusters[name]["load_assignment"]["endpoints"] for e in group["lb_endpoints"]]
+        for i, ep in enumerate(eps):
+            ep["endpoint"]["address"]["socket_address"]["port_value"] = port + i
     for li in res["listeners"]:
         for chain in li["filter_chains"]:
             for f in chain["filters"]:

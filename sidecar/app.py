@@ -84,6 +84,10 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     for w in policy.warnings:
         log.warning("policy: %s", w)
+    if args.workers > 1:
+        from sidecar.workers import supervise
+
+        return supervise(args)  # the workers load the policy themselves; it was checked here
     from sidecar.isolated import settle
 
     settle(policy)  # the policy's objects stay out of every garbage collection from now on
@@ -101,9 +105,10 @@ async def _run(args: argparse.Namespace, policy: Any, keys: Any) -> int:
 
     from sidecar.runtime import PolicyWatcher, Runtime
     from sidecar.server import build_health_server, build_server, set_serving
-    from sidecar.telemetry import Metrics, Telemetry, tracer_provider_from_env
+    from sidecar.telemetry import LineWriter, Metrics, Telemetry, tracer_provider_from_env
 
-    stream = {"stdout": sys.stdout, "stderr": sys.stderr, "off": None}[args.decision_log]
+    streams = {"stdout": LineWriter(1), "stderr": LineWriter(2, immediate=True), "off": None}
+    stream = streams[args.decision_log]
     metrics = Metrics()
     telemetry = Telemetry(tracer_provider_from_env(metrics), decision_log=stream, metrics=metrics)
     runtime = Runtime(policy, telemetry, keys=keys)

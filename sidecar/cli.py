@@ -29,6 +29,16 @@ def _env_bool(name: str, default: bool) -> bool:
     return v.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of workers")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="stepup-sidecar",
@@ -52,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
         "--listen",
         default=_env("LISTEN", "127.0.0.1:9191"),
         help="gRPC address HOST:PORT [STEPUP_LISTEN] (default 127.0.0.1:9191)",
+    )
+    s.add_argument(
+        "--workers",
+        type=_positive,
+        default=_env("WORKERS", "1"),
+        help="serving processes; worker i listens on the --listen port + i (list each as an endpoint"
+        " of Envoy's ext_authz cluster). Raise it to the CPUs the pod may use when one process is"
+        " saturated [STEPUP_WORKERS] (default 1)",
     )
     s.add_argument(
         "--health-listen",

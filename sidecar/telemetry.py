@@ -250,6 +250,42 @@ class BoundedSpanProcessor(SpanProcessor):
         self.exporter.shutdown()
 
 
+class LineWriter:
+    """The decision log's writer: whole lines, written in chunks of at most PIPE_BUF bytes, so that
+    lines from several processes (workers) sharing one stdout pipe never interleave mid-line.
+    Buffered; `flush` (every half second, and at exit) writes what is there."""
+
+    CHUNK = 4096  # PIPE_BUF on Linux: a write of at most this many bytes to a pipe is atomic
+
+    def __init__(self, fd: int, *, immediate: bool = False) -> None:
+        """`immediate`: write each line at once (stderr's habit), not at the next flush."""
+        self._fd = fd
+        self._immediate = immediate
+        self._lines: list[bytes] = []
+        self._size = 0
+
+    def write(self, line: str) -> int:
+        data = line.encode("utf-8", "surrogateescape")
+        if self._size + len(data) > self.CHUNK:
+            self.flush()
+        self._lines.append(data)
+        self._size += len(data)
+        if self._immediate:
+            self.flush()
+        return len(line)
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        data = b"".join(self._lines)
+        self._lines, self._size = [], 0
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except OSError:
+            pass  # a closed stdout must not stop decisions
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -289,7 +325,7 @@ class Telemetry:
         self,
         provider: trace.TracerProvider | None = None,
         *,
-        decision_log: IO[str] | None = sys.stdout,
+        decision_log: IO[str] | LineWriter | None = sys.stdout,
         metrics: Metrics | None = None,
         propagator: TextMapPropagator | None = None,
     ) -> None:

@@ -466,9 +466,13 @@ def test_mesh_config_service_is_the_service_entry_for_the_sidecar() -> None:
     assert se["spec"]["hosts"] == [host]
     assert se["spec"]["resolution"] == "STATIC"
     assert se["spec"].get("location", "MESH_EXTERNAL") == "MESH_EXTERNAL"
-    assert [e["address"] for e in se["spec"]["endpoints"]] == ["127.0.0.1"]
     assert [(p["number"], p["protocol"]) for p in se["spec"]["ports"]] == [(grpc["port"], "GRPC")]
     assert grpc["port"] == sidecar_port(target)
+    # One loopback endpoint per worker: the --listen port + i.
+    workers = int(env_of(target, "STEPUP_WORKERS"))
+    assert [(e["address"], e["ports"]["grpc"]) for e in se["spec"]["endpoints"]] == [
+        ("127.0.0.1", grpc["port"] + i) for i in range(workers)
+    ]
 
 
 def test_authorization_policy_sends_every_request_to_the_sidecar() -> None:
@@ -565,3 +569,19 @@ def test_every_envoy_config_rejects_header_names_with_underscores(config: str) -
                 ):
                     found.append(tc["common_http_protocol_options"]["headers_with_underscores_action"])
     assert found and set(found) == {"REJECT_REQUEST"}
+
+
+def env_of(target: str, name: str) -> str:
+    (value,) = [e["value"] for e in container(target, "stepup-sidecar")["env"] if e["name"] == name]
+    return str(value)
+
+
+def test_the_envoy_overlay_lists_one_ext_authz_endpoint_per_worker() -> None:
+    target = "overlays/envoy"
+    workers = int(env_of(target, "STEPUP_WORKERS"))
+    (cm,) = [d for d in docs(target) if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("envoy-config")]
+    envoy = yaml.safe_load(next(iter(cm["data"].values())))
+    (cluster,) = [c for c in envoy["static_resources"]["clusters"] if c["name"] == "ext_authz"]
+    ports = [e["endpoint"]["address"]["socket_address"]["port_value"] for g in cluster["load_assignment"]["endpoints"] for e in g["lb_endpoints"]]
+    assert ports == [sidecar_port(target) + i for i in range(workers)]
+    assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == "envoy.service.auth.v3.Authorization"

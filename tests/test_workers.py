@@ -1,0 +1,133 @@
+"""`serve --workers N`: worker i answers on the --listen port + i; one scrape counts every worker's
+decisions; health is SERVING only while every worker is; SIGHUP reloads every worker; a worker that
+dies is restarted; SIGTERM drains them all and the supervisor exits 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from examples.stack import health_status, wait_serving
+from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
+from tests.helpers import check_request, example_policy_text
+
+LEVEL = 'match: ["/bank.v1.Payments/Transfer", "POST /v1/transfers"], level: high'
+
+
+def _free_block(n: int) -> int:
+    """A port p such that p .. p+n-1 were all free a moment ago."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as t:
+                try:
+                    t.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port block")
+
+
+def _sample(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
+
+
+def _check(address: str, req: object) -> tuple[int, str]:
+    with grpc.insecure_channel(address) as ch:
+        resp = external_auth_pb2_grpc.AuthorizationStub(ch).Check(req, timeout=5)
+    return resp.status.code, resp.status.message
+
+
+def test_two_workers_on_their_own_ports(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(example_policy_text())
+    base, health, metrics = _free_block(2), _free_block(1), _free_block(1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve", "--policy", str(policy), "--listen", f"127.0.0.1:{base}",
+         "--workers", "2", "--health-listen", f"127.0.0.1:{health}", "--metrics-listen", f"127.0.0.1:{metrics}",
+         "--watch-interval", "0", "--drain-delay", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ},
+    )
+    try:
+        for port in (base, base + 1):
+            wait_serving(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 10
+        while health_status(f"127.0.0.1:{health}") != 1:
+            assert time.monotonic() < deadline, "aggregate health never SERVING"
+            time.sleep(0.1)
+        transfer = check_request("/v1/transfers", method="POST", grpc=False)
+        for port in (base, base + 1):
+            for _ in range(3):
+                assert _check(f"127.0.0.1:{port}", transfer) == (16, "missing_credential")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert _sample(text, "stepup_decisions_total") == 6  # one scrape, both workers
+
+        # SIGHUP reloads every worker.
+        policy.write_text(example_policy_text((LEVEL, LEVEL.replace("level: high", "level: public"))))
+        proc.send_signal(signal.SIGHUP)
+        for port in (base, base + 1):
+            deadline = time.monotonic() + 30
+            while _check(f"127.0.0.1:{port}", transfer) != (0, ""):
+                assert time.monotonic() < deadline, f"worker on {port} never reloaded"
+                time.sleep(0.2)
+
+        # A worker that dies is restarted; meanwhile the aggregate health is not SERVING.
+        pids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(pids) == 2
+        os.kill(int(pids[1]), signal.SIGKILL)
+        seen_not_serving = False
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = health_status(f"127.0.0.1:{health}")
+            seen_not_serving = seen_not_serving or status != 1
+            if seen_not_serving and status == 1:
+                break
+            time.sleep(0.05)
+        assert seen_not_serving and health_status(f"127.0.0.1:{health}") == 1
+        for port in (base, base + 1):
+            wait_serving(f"127.0.0.1:{port}")
+            assert _check(f"127.0.0.1:{port}", transfer) == (0, "")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    assert "restarting" in err
+    lines = [line for line in out.splitlines() if line]
+    assert all(line.startswith('{"ts":') and line.endswith("}") for line in lines)  # no torn lines
+    assert len(lines) >= 6
+
+
+def test_workers_need_a_fixed_port(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(example_policy_text())
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--policy", str(policy), "--listen", "127.0.0.1:0", "--workers", "2"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2 and "--workers needs a fixed --listen port" in proc.stderr
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_workers_must_be_positive(tmp_path: Path, workers: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--policy", "x", "--workers", workers],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2 and "--workers" in proc.stderr

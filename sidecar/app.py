@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -68,17 +69,51 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+LARGE_YAML = 1 << 20  # bytes
+
+
+def _load(path: Path, keys: Any) -> Any:
+    """The start-up load. A large YAML file is parsed in a child process (as reloads are): the
+    parser's node tree would otherwise leave this process's heap several times the policy's size
+    for good (freed, but too fragmented to return). JSON, and small files, load here."""
+    from sidecar.compiler import PolicyError, load_policy, prime
+    from sidecar.isolated import load_isolated
+
+    try:
+        large = path.suffix != ".json" and path.stat().st_size > LARGE_YAML
+    except OSError:
+        large = False
+    if large:
+        try:
+            return prime(load_isolated(path, keys=keys, compile_in_child=False), keys)
+        except PolicyError:
+            pass  # read it again here, for problems located by line (only for a broken file)
+    return load_policy(path, keys=keys)
+
+
+def release_free_memory() -> None:
+    """Give the memory a large load freed (the parser's node tree) back to the system: glibc keeps
+    freed heap otherwise, and the process's RSS would stay several times the policy's size."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     if not args.policy:
         print("stepup-sidecar serve: --policy (or STEPUP_POLICY) is required", file=sys.stderr)
         return 2
-    from sidecar.compiler import PolicyError, load_policy
+    from sidecar.compiler import PolicyError
     from sidecar.keys import KeyStore
 
     keys = KeyStore()
+    gc.disable()  # a load allocates millions of objects: collections of the growing heap only cost
     try:
-        policy = load_policy(args.policy, keys=keys)
+        policy = _load(Path(args.policy), keys)
     except PolicyError as e:
         print(f"stepup-sidecar: the policy is invalid, not starting:\n{e}", file=sys.stderr)
         return 1
@@ -91,6 +126,8 @@ def serve(args: argparse.Namespace) -> int:
     from sidecar.isolated import settle
 
     settle(policy)  # the policy's objects stay out of every garbage collection from now on
+    gc.enable()
+    release_free_memory()
     try:
         import uvloop
 

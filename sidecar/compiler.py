@@ -49,6 +49,13 @@ __all__ = [
 ]
 
 DEV_ISSUER = "https://idp.example.test"
+_EMPTY: frozenset[str] = frozenset()
+_USER_KINDS = frozenset({"authenticated", "issuers", "users", "roles", "groups", "scopes"})
+
+
+def _set(allow: dict[str, Any], kind: str) -> frozenset[str]:
+    v = allow.get(kind)
+    return frozenset(v) if v else _EMPTY
 
 
 def _fold_pattern(text: str) -> str:
@@ -209,28 +216,35 @@ class _Builder:
         case_sensitive = d.get("paths", {}).get("case_sensitive", True)
         fold = (lambda t: t) if case_sensitive else _fold_pattern
         sens_entries: list[tuple[str, SensitivityRule]] = []
-        sens_pos: list[PathT] = []
+        sens_pos: list[tuple[int, int]] = []
         for i, r in enumerate(d["sensitivity"]["rules"]):
             if r["level"] not in specs:
                 self.err(("sensitivity", "rules", i, "level"), f"unknown sensitivity level {r['level']!r}")
                 continue
+            srule = SensitivityRule(r["id"], r["level"])
             for j, pat in enumerate(r["match"]):
-                sens_entries.append((fold(pat), SensitivityRule(r["id"], r["level"])))
-                sens_pos.append(("sensitivity", "rules", i, "match", j))
+                sens_entries.append((fold(pat), srule))
+                sens_pos.append((i, j))
         self._unique_ids("sensitivity.rules", d["sensitivity"]["rules"], ("sensitivity", "rules"))
         sens_index = build_index(
-            sens_entries, lambda pos, m: self.err(sens_pos[pos], m), unique=lambda r: r.id
+            sens_entries,
+            lambda pos, m: self.err(("sensitivity", "rules", sens_pos[pos][0], "match", sens_pos[pos][1]), m),
+            unique=lambda r: r.id,
         )
 
         perm_entries: list[tuple[str, PermissionRule]] = []
-        perm_pos: list[PathT] = []
+        perm_pos: list[tuple[int, int]] = []
+        issuer_ids = {c.id for c in issuers}
         for i, r in enumerate(d["permissions"]):
-            rule = self._permission(i, r, {c.id for c in issuers})
+            rule = self._permission(i, r, issuer_ids)
             for j, pat in enumerate(r["match"]):
                 perm_entries.append((fold(pat), rule))
-                perm_pos.append(("permissions", i, "match", j))
+                perm_pos.append((i, j))
         self._unique_ids("permissions", d["permissions"])
-        perm_index = build_index(perm_entries, lambda pos, m: self.err(perm_pos[pos], m))
+        perm_index = build_index(
+            perm_entries,
+            lambda pos, m: self.err(("permissions", perm_pos[pos][0], "match", perm_pos[pos][1]), m),
+        )
 
         self._check_satisfiable(levels, specs, risks, issuers)
         if self.problems:
@@ -405,18 +419,17 @@ class _Builder:
                 self.err((*where, "principals", j), "'*' is only allowed at the end of a principal")
             else:
                 exact.add(p)
-        user_kinds = {"authenticated", "issuers", "users", "roles", "groups", "scopes"}
         return PermissionRule(
-            id=r["id"],
-            anyone=bool(a.get("anyone")),
-            issuers=frozenset(a.get("issuers", ())),
-            users=frozenset(a.get("users", ())),
-            roles=frozenset(a.get("roles", ())),
-            groups=frozenset(a.get("groups", ())),
-            scopes=frozenset(a.get("scopes", ())),
-            principals_exact=frozenset(exact),
-            principals_prefix=tuple(prefix),
-            workload_only=bool(a.get("principals")) and not (user_kinds & a.keys()),
+            r["id"],
+            bool(a.get("anyone")),
+            _set(a, "issuers"),
+            _set(a, "users"),
+            _set(a, "roles"),
+            _set(a, "groups"),
+            _set(a, "scopes"),
+            frozenset(exact) if exact else _EMPTY,
+            tuple(prefix),
+            bool(a.get("principals")) and _USER_KINDS.isdisjoint(a),
         )
 
     def _check_satisfiable(

@@ -44,12 +44,17 @@ def load_isolated(
     keys: KeyStore | None = None,
     allow_insecure_jwks_http: bool = False,
     python: str = sys.executable,
+    compile_in_child: bool = True,
 ) -> Policy:
     """Like `compiler.load_policy` (but not primed: the caller primes against `keys`), for a
     process that is serving: see the module docstring.
-    Call it from a worker thread (it blocks). Raises PolicyError listing every problem."""
+    Call it from a worker thread (it blocks). Raises PolicyError listing every problem.
+    `compile_in_child=False` (start-up, where nothing is served yet) has the child only parse
+    and check the schema; compile problems are then found here, located by path only."""
     path = Path(path)
     argv = [python, "-m", "sidecar.isolated", str(path)]
+    if not compile_in_child:
+        argv.append("--parse-only")
     if allow_insecure_jwks_http:
         argv.append("--allow-insecure-jwks-http")
     try:
@@ -163,15 +168,17 @@ def _failed(
 
 
 def _child(argv: list[str], out: IO[bytes]) -> int:
+    gc.disable()  # a short-lived process: collecting its growing heap would only cost time
     path = Path(argv[0])
     insecure = "--allow-insecure-jwks-http" in argv[1:]
     try:
         text = path.read_text(encoding="utf-8")
         doc = parse_text(text, str(path))
-        # Compiled to find every problem; a key store of its own that fetches nothing.
-        compile_document(
-            doc, base_dir=path.parent, digest="", keys=KeyStore(), allow_insecure_jwks_http=insecure
-        )
+        if "--parse-only" not in argv[1:]:
+            # Compiled to find every problem; a key store of its own that fetches nothing.
+            compile_document(
+                doc, base_dir=path.parent, digest="", keys=KeyStore(), allow_insecure_jwks_http=insecure
+            )
         data: dict[str, Any] = doc.data
     except PolicyError as e:
         problems = [

@@ -9,6 +9,7 @@ rules.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -25,6 +26,9 @@ _STANDARD_METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 )
 MEMO_PATH_MAX = 512  # longer paths are looked up every time, so the memo stays small in bytes
+# Paths that are canonical as they stand: segments of unreserved characters, none starting with
+# '.' (so no dot segment), no empty segment, no trailing '/'.
+_PLAIN = re.compile(r"(?:/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +64,9 @@ def parse_pattern(text: str) -> Pattern:
             raise PatternError("'**' may only be the last segment")
         if "*" in seg and seg not in ("*", "**"):
             raise PatternError(f"'*' must be a whole segment, not part of {seg!r}")
-    literal = "/" + "/".join(s if "*" not in s else "x" for s in segments)
+    literal = "/" + "/".join(s if "*" not in s else "x" for s in segments) if "*" in path else path
+    if _PLAIN.fullmatch(literal):
+        return Pattern(method, segments, text)  # plain segments, none a dot segment: canonical
     try:
         canonical = normalize_path(literal)
     except PathError as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -56,7 +57,12 @@ def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
 
 
 _SCHEMA = schema()
-_VALIDATOR = jsonschema.Draft202012Validator(_inline_refs(_SCHEMA, _SCHEMA["$defs"]))
+_INLINED = _inline_refs(_SCHEMA, _SCHEMA["$defs"])
+_VALIDATOR = jsonschema.Draft202012Validator(_INLINED)
+_SENS_RULE = jsonschema.Draft202012Validator(
+    _INLINED["properties"]["sensitivity"]["properties"]["rules"]["items"]
+)
+_PERM_RULE = jsonschema.Draft202012Validator(_INLINED["properties"]["permissions"]["items"])
 
 
 def _where(path: PathT) -> str:
@@ -155,7 +161,11 @@ def content_digest(text: str) -> str:
 
 
 def parse_text(text: str, file: str) -> Document:
-    """The YAML parsed and checked against the schema (every problem, located)."""
+    """The YAML (or, for a `.json` file, JSON) parsed and checked against the schema (every
+    problem, located). JSON parses about ten times faster than YAML: use it for very large,
+    generated policies; YAML is a superset of JSON, so problems are located the same way."""
+    if file.endswith(".json"):
+        return _parse_json(text, file)
     try:
         doc = Document(file, text)
     except _DupKey as e:
@@ -168,14 +178,126 @@ def parse_text(text: str, file: str) -> Document:
         raise PolicyError([Problem(file, line, col, "", f"invalid YAML: {e.problem}")]) from None
     except yaml.YAMLError as e:
         raise PolicyError([Problem(file, 1, 1, "", f"invalid YAML: {e}")]) from None
+    return _validated(doc)
+
+
+def _parse_json(text: str, file: str) -> Document:
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DupKey as e:
+        raise PolicyError([Problem(file, 1, 1, str(e.key), "duplicate key")]) from None
+    except ValueError as e:
+        line, col = (e.lineno, e.colno) if isinstance(e, json.JSONDecodeError) else (1, 1)
+        raise PolicyError([Problem(file, line, col, "", f"invalid JSON: {e}")]) from None
+    doc = Document(file, None, data)
+    doc.text = text  # for locating problems (YAML reads JSON) only when there are some
+    return _validated(doc)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DupKey((), k, 1, 1)
+        out[k] = v
+    return out
+
+
+def _validated(doc: Document) -> Document:
     data = doc.data
     problems: list[Problem] = []
-    for err in sorted(_VALIDATOR.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
-        problems.append(doc.problem(tuple(err.absolute_path), _schema_message(err)))
+    for path, message in _problems(data):
+        problems.append(doc.problem(path, message))
     if problems:
         raise PolicyError(problems)
     assert isinstance(data, dict)
     return doc
+
+
+def _problems(data: Any) -> list[tuple[PathT, str]]:
+    """Every schema problem as (path, message). The rule lists (which make up nearly all of a large
+    policy) are checked by a direct test of each rule first; only a rule that fails it goes
+    through jsonschema, for the exact message. The rest of the document always does."""
+    found: list[tuple[PathT, str]] = []
+    if isinstance(data, dict):
+        rules = {
+            "sensitivity": data["sensitivity"].get("rules")
+            if isinstance(data.get("sensitivity"), dict)
+            else None,
+            "permissions": data.get("permissions"),
+        }
+        if isinstance(rules["sensitivity"], list) and isinstance(rules["permissions"], list):
+            skeleton = {**data, "permissions": [], "sensitivity": {**data["sensitivity"], "rules": []}}
+            errors = sorted(_VALIDATOR.iter_errors(skeleton), key=lambda e: list(map(str, e.absolute_path)))
+            found += [(tuple(e.absolute_path), _schema_message(e)) for e in errors]
+            for base, items, fast, validator in (
+                (("sensitivity", "rules"), rules["sensitivity"], _sensitivity_rule_ok, _SENS_RULE),
+                (("permissions",), rules["permissions"], _permission_rule_ok, _PERM_RULE),
+            ):
+                for i, item in enumerate(items):
+                    if fast(item):
+                        continue
+                    errors = sorted(
+                        validator.iter_errors(item), key=lambda e: list(map(str, e.absolute_path))
+                    )
+                    found += [((*base, i, *e.absolute_path), _schema_message(e)) for e in errors]
+            return found
+    errors = sorted(_VALIDATOR.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    return [(tuple(e.absolute_path), _schema_message(e)) for e in errors]
+
+
+_ID = re.compile(_SCHEMA["$defs"]["id"]["pattern"])
+_NAME = re.compile(_SCHEMA["$defs"]["name"]["pattern"])
+_PATTERN = re.compile(_SCHEMA["$defs"]["patterns"]["items"]["pattern"])
+_SUBJECT_LISTS = ("issuers", "users", "roles", "groups", "scopes", "principals")
+
+
+def _strings_ok(v: Any) -> bool:
+    return (
+        isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v) and len(set(v)) == len(v)
+    )
+
+
+def _patterns_ok(v: Any) -> bool:
+    return (
+        isinstance(v, list)
+        and bool(v)
+        and all(isinstance(x, str) and _PATTERN.match(x) is not None for x in v)
+    )
+
+
+def _sensitivity_rule_ok(r: Any) -> bool:
+    """The schema's sensitivity rule, tested directly (the fast path; jsonschema explains a no)."""
+    return (
+        isinstance(r, dict)
+        and r.keys() == {"id", "match", "level"}
+        and isinstance(r["id"], str)
+        and _ID.match(r["id"]) is not None
+        and isinstance(r["level"], str)
+        and _NAME.match(r["level"]) is not None
+        and _patterns_ok(r["match"])
+    )
+
+
+def _permission_rule_ok(r: Any) -> bool:
+    """The schema's permission rule, tested directly (the fast path; jsonschema explains a no)."""
+    if not (
+        isinstance(r, dict)
+        and r.keys() == {"id", "match", "allow"}
+        and isinstance(r["id"], str)
+        and _ID.match(r["id"]) is not None
+        and _patterns_ok(r["match"])
+        and isinstance(r["allow"], dict)
+        and r["allow"]
+    ):
+        return False
+    for k, v in r["allow"].items():
+        if k in ("anyone", "authenticated"):
+            if v is not True:
+                return False
+        elif k not in _SUBJECT_LISTS or not _strings_ok(v):
+            return False
+    return True
 
 
 def _schema_message(err: jsonschema.ValidationError) -> str:

@@ -223,3 +223,73 @@ def test_a_principal_prefix_that_does_not_end_at_a_slash_is_warned_about() -> No
          'allow: {principals: ["spiffe://cluster.local/ns/bank/*"]}'),
     )
     assert not any("does not end" in w for w in load_policy_text(ok, file="p.yaml").warnings)
+
+
+# --- JSON policies and the fast rule check ----------------------------------------------------------
+
+import json as _json  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sidecar import policyfile as _pf  # noqa: E402
+from sidecar.compiler import load_policy as _load_policy  # noqa: E402
+
+
+def test_a_json_policy_loads_like_the_same_yaml(tmp_path: Path) -> None:
+    doc = yaml.safe_load(example_policy_text())
+    (tmp_path / "p.json").write_text(_json.dumps(doc))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
+    j, y = _load_policy(tmp_path / "p.json"), _load_policy(tmp_path / "p.yaml")
+    assert j.rule_ids == y.rule_ids and j.levels == y.levels
+    rule = j.tables.sensitivity("POST", "/bank.v1.Payments/Transfer")
+    assert rule is not None and rule.level == "high"
+
+
+def test_a_broken_json_policy_names_the_place(tmp_path: Path) -> None:
+    doc = yaml.safe_load(example_policy_text())
+    doc["permissions"][1]["allow"]["roles"] = []
+    doc["sensitivity"]["rules"][2]["level"] = 7
+    path = tmp_path / "p.json"
+    path.write_text(_json.dumps(doc, indent=2))
+    with pytest.raises(PolicyError) as e:
+        _load_policy(path)
+    text = str(e.value)
+    assert "permissions[1].allow.roles" in text and "sensitivity.rules[2].level" in text
+    assert f"{path}:1:1" not in text  # located by line, not just by path
+    (tmp_path / "bad.json").write_text('{"version": 1,')
+    with pytest.raises(PolicyError) as e2:
+        _load_policy(tmp_path / "bad.json")
+    assert "invalid JSON" in str(e2.value)
+
+
+_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-2, 2), st.text(max_size=6),
+    st.lists(st.one_of(st.text(max_size=4), st.integers()), max_size=3),
+)
+_rules = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.one_of(st.sampled_from(["a", "r-1", "x:y", "", "-a", "a b"]), _values),
+        "match": st.one_of(st.lists(st.sampled_from(["/a", "GET /b/*", "get /c", "/d?x", "x", "* /e/**"]), max_size=3), _values),
+        "level": st.one_of(st.sampled_from(["low", "High", "1x", ""]), _values),
+        "allow": st.one_of(
+            st.dictionaries(
+                st.sampled_from(["anyone", "authenticated", "roles", "users", "principals", "bogus"]),
+                st.one_of(st.just(True), st.lists(st.sampled_from(["a", "b", ""]), max_size=3), _values),
+                max_size=3,
+            ),
+            _values,
+        ),
+        "extra": _values,
+    },
+)
+
+
+@settings(max_examples=800, deadline=None, derandomize=True, database=None)
+@given(r=_rules)
+def test_the_fast_rule_check_never_accepts_what_the_schema_refuses(r: dict[str, object]) -> None:
+    if _pf._sensitivity_rule_ok(r):
+        assert not list(_pf._SENS_RULE.iter_errors(r)), r
+    if _pf._permission_rule_ok(r):
+        assert not list(_pf._PERM_RULE.iter_errors(r)), r

@@ -41,8 +41,10 @@ proto-check: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
+## Every goal of the perf issue as one table, each marked met or missed (bench/run.py; installs
+## h2load when missing). BENCH_ARGS=--quick for a short run.
 bench: $(STAMP)
-	$(BIN)/python bench/decide.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 ## Coverage-guided fuzzing of the in-process Check path (atheris; not part of `make test`).
 ## FUZZ_SECONDS bounds the run; FUZZ_ARGS adds libFuzzer flags (e.g. -seed=1). The working corpus

@@ -8,6 +8,7 @@ import json
 import sys
 import threading
 from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
@@ -15,13 +16,13 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.spans: list[Any] = []
         self.requests = 0
         self._lock = threading.Lock()
         self.server = grpc.server(futures.ThreadPoolExecutor(4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
         self.server.start()
 
     def Export(self, request: Any, context: Any) -> Any:
@@ -47,8 +48,24 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[mis
 
 
 def main() -> int:
+    """Serve OTLP/gRPC on a free port, and the number of spans received as JSON on an HTTP port;
+    print both ports as one JSON line."""
     r = Receiver()
-    print(json.dumps({"grpc_port": r.port}), flush=True)
+
+    class Count(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"spans": len(r.spans), "requests": r.requests}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Count)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    print(json.dumps({"grpc_port": r.port, "http_port": http.server_address[1]}), flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

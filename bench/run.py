@@ -172,7 +172,7 @@ def h2load(ports: list[int], body: Path, seconds: float, clients: int, streams: 
     """Calls/s over all `ports` (one h2load per port, at the same time); only HTTP 200 counts."""
     procs = []
     for port in ports:
-        argv = ["h2load", "-D", str(seconds), "-c", str(max(1, clients // len(ports))), "-m", str(streams),
+        argv = ["h2load", "-D", str(int(seconds)), "-c", str(max(1, clients // len(ports))), "-m", str(streams),
                 "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"]  # fmt: skip
         if rps:
             argv.append(f"--rps={max(1, rps // clients)}")
@@ -390,7 +390,7 @@ def decision_flatness() -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=6)
+    ap.add_argument("--seconds", type=int, default=6)
     ap.add_argument("--quick", action="store_true", help="fewer rounds and seconds, no policy-load figure")
     args = ap.parse_args()
     if args.quick:

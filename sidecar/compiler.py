@@ -19,13 +19,17 @@ from sidecar.assurance import build_issuer_acr
 from sidecar.identity import ClaimNames, IdentityMapper, IssuerConfig
 from sidecar.keys import Fetcher, KeyFileError, KeyProvider, KeyStore, urllib_fetch
 from sidecar.policy import (
+    ANY_METHOD,
     LevelSpec,
     PermissionRule,
     Policy,
     SensitivityRule,
+    Shadow,
     Tables,
     UpstreamHeaders,
+    VariantTables,
     build_index,
+    parse_pattern,
 )
 from sidecar.policyfile import (
     Document,
@@ -204,47 +208,78 @@ class _Builder:
 
         # Risk rules.
         risks: list[RiskRule] = []
+        risk_shadow: set[str] = set()
         for i, raw in enumerate(d.get("risk", [])):
             cond = self._condition(("risk", i, "when"), raw["when"])
             if cond is not None:
                 max_age = parse_duration(raw["max_age"]) if "max_age" in raw else None
                 risks.append(RiskRule(raw["id"], cond, raw.get("raise", 1), max_age))
+                if raw.get("mode") == "shadow":
+                    risk_shadow.add(raw["id"])
         self._unique_ids("risk", d.get("risk", []))
 
         # Tables. With case-insensitive paths, patterns are folded here and request paths in the
-        # engine; two patterns that differ only in case then tie (a load error).
+        # engine; two patterns that differ only in case then tie (a load error). Shadow rules stay
+        # out of the enforced tables; with any, a second index of every rule serves their
+        # evaluation (a shadow sensitivity rule may share a pattern with an enforced one: in its
+        # evaluation it takes that pattern's place, as it would if it replaced the rule).
         case_sensitive = d.get("paths", {}).get("case_sensitive", True)
         fold = (lambda t: t) if case_sensitive else _fold_pattern
         sens_entries: list[tuple[str, SensitivityRule]] = []
         sens_pos: list[tuple[int, int]] = []
+        shadow_sens: list[tuple[str, SensitivityRule]] = []
+        shadow_sens_pos: list[tuple[int, int]] = []
         for i, r in enumerate(d["sensitivity"]["rules"]):
             if r["level"] not in specs:
                 self.err(("sensitivity", "rules", i, "level"), f"unknown sensitivity level {r['level']!r}")
                 continue
             srule = SensitivityRule(r["id"], r["level"])
+            shadow = r.get("mode") == "shadow"
             for j, pat in enumerate(r["match"]):
-                sens_entries.append((fold(pat), srule))
-                sens_pos.append((i, j))
+                (shadow_sens if shadow else sens_entries).append((fold(pat), srule))
+                (shadow_sens_pos if shadow else sens_pos).append((i, j))
         self._unique_ids("sensitivity.rules", d["sensitivity"]["rules"], ("sensitivity", "rules"))
-        sens_index = build_index(
-            sens_entries,
-            lambda pos, m: self.err(("sensitivity", "rules", sens_pos[pos][0], "match", sens_pos[pos][1]), m),
-            unique=lambda r: r.id,
-        )
+
+        def sens_error(positions: list[tuple[int, int]]) -> Any:
+            return lambda pos, m: self.err(
+                ("sensitivity", "rules", positions[pos][0], "match", positions[pos][1]), m
+            )
+
+        sens_index = build_index(sens_entries, sens_error(sens_pos), unique=lambda r: r.id)
 
         perm_entries: list[tuple[str, PermissionRule]] = []
         perm_pos: list[tuple[int, int]] = []
+        all_perms: list[tuple[str, PermissionRule]] = []
+        perm_shadow: set[str] = set()
         issuer_ids = {c.id for c in issuers}
         for i, r in enumerate(d["permissions"]):
             rule = self._permission(i, r, issuer_ids)
+            shadow = r.get("mode") == "shadow"
+            if shadow:
+                perm_shadow.add(rule.id)
             for j, pat in enumerate(r["match"]):
-                perm_entries.append((fold(pat), rule))
-                perm_pos.append((i, j))
+                all_perms.append((fold(pat), rule))
+                if not shadow:
+                    perm_entries.append((fold(pat), rule))
+                    perm_pos.append((i, j))
         self._unique_ids("permissions", d["permissions"])
         perm_index = build_index(
             perm_entries,
             lambda pos, m: self.err(("permissions", perm_pos[pos][0], "match", perm_pos[pos][1]), m),
         )
+        shadow_tables: tuple[Any, ...] | None = None
+        if shadow_sens or perm_shadow:
+            # Two shadow rules on one pattern tie as enforced ones would; the index of every rule
+            # holds the shadow entries first, so each wins its pattern in its own evaluation.
+            build_index(shadow_sens, sens_error(shadow_sens_pos), unique=lambda r: r.id)
+            noop = lambda pos, m: None  # noqa: E731 (problems were reported by the builds above)
+            shadow_tables = (
+                build_index([*shadow_sens, *sens_entries], noop),
+                build_index(all_perms, noop),
+                {r.id for _, r in shadow_sens},
+                perm_shadow,
+                sens_index.methods | perm_index.methods,
+            )
 
         self._check_satisfiable(levels, specs, risks, issuers)
         if self.problems:
@@ -266,7 +301,8 @@ class _Builder:
             amr_derivation=assurance.get("amr_derivation", True),
             skew=skew,
         )
-        return Policy(
+        enforced_risks = tuple(r for r in risks if r.id not in risk_shadow)
+        policy = Policy(
             name=name,
             version=f"{name}@{digest}",
             realm=d.get("realm", name),
@@ -277,18 +313,63 @@ class _Builder:
             sensitivity_levels=specs,
             context_extension_key=d["sensitivity"].get("context_extension", ""),
             case_sensitive_paths=case_sensitive,
-            risk_rules=tuple(risks),
+            risk_rules=enforced_risks,
             issuers=tuple(issuers),
             identities=identities,
             upstream_headers=headers,
             warnings=tuple(self.warnings),
             files=tuple(self.files),
             rule_ids={
-                "sensitivity": tuple(r["id"] for r in d["sensitivity"]["rules"]),
-                "permissions": tuple(r["id"] for r in d["permissions"]),
-                "risk": tuple(r["id"] for r in d.get("risk", [])),
+                table: tuple(r["id"] for r in rules if r.get("mode") != "shadow")
+                for table, rules in (
+                    ("sensitivity", d["sensitivity"]["rules"]),
+                    ("permissions", d["permissions"]),
+                    ("risk", d.get("risk", [])),
+                )
             },
         )
+        return self._with_shadows(policy, d, risks, risk_shadow, shadow_tables)
+
+    @staticmethod
+    def _with_shadows(
+        policy: Policy,
+        d: dict[str, Any],
+        risks: list[RiskRule],
+        risk_shadow: set[str],
+        shadow_tables: tuple[Any, ...] | None,
+    ) -> Policy:
+        """The policy with one variant per shadow rule, in file order: the policy as if that one
+        rule were enforced (the other shadow rules still are not)."""
+        shadows: list[Shadow] = []
+        for table, rules in (
+            ("sensitivity", d["sensitivity"]["rules"]),
+            ("permissions", d["permissions"]),
+            ("risk", d.get("risk", [])),
+        ):
+            for r in rules:
+                if r.get("mode") != "shadow":
+                    continue
+                rid = r["id"]
+                if table == "risk":
+                    variant = replace(
+                        policy,
+                        risk_rules=tuple(x for x in risks if x.id not in risk_shadow or x.id == rid),
+                        shadows=(),
+                    )
+                else:
+                    assert shadow_tables is not None
+                    s_all, p_all, s_ids, p_ids, methods = shadow_tables
+                    own = frozenset(parse_pattern(t).method for t in r["match"]) - {ANY_METHOD}
+                    tables = VariantTables(
+                        s_all,
+                        p_all,
+                        frozenset(s_ids - {rid}) if table == "sensitivity" else frozenset(s_ids),
+                        frozenset(p_ids - {rid}) if table == "permissions" else frozenset(p_ids),
+                        frozenset(methods | own),
+                    )
+                    variant = replace(policy, tables=tables, shadows=())
+                shadows.append(Shadow(rid, table, variant))
+        return replace(policy, shadows=tuple(shadows)) if shadows else policy
 
     def _unique_ids(self, what: str, items: list[dict[str, Any]], base: PathT | None = None) -> None:
         seen: set[str] = set()

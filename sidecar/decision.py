@@ -49,3 +49,14 @@ class Decision:
     @property
     def allowed(self) -> bool:
         return self.outcome is Outcome.ALLOW
+
+
+def same_answer(a: Decision, b: Decision) -> bool:
+    """Whether two decisions give the caller the same answer: both allow (whatever the reason:
+    `public` and `allowed` both let the call through), or both refuse with the same reason and
+    challenge."""
+    if a.outcome is not b.outcome:
+        return False
+    if a.outcome is Outcome.ALLOW:
+        return True
+    return a.reason == b.reason and a.acr_values == b.acr_values and a.max_age == b.max_age and a.scope == b.scope

@@ -9,18 +9,74 @@ Pure: no I/O, no protobuf. The clock comes in as an argument.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sidecar import reasons as R
 from sidecar.assurance import Requirement, Shortfall, shortfall
 from sidecar.attributes import RequestAttributes
-from sidecar.decision import Decision
+from sidecar.decision import Decision, same_answer
 from sidecar.identity import AuthError, Identity
 from sidecar.paths import valid_method
 from sidecar.policy import LevelSpec, Policy, SubjectView
 from sidecar.reasons import Reason
 from sidecar.tokens import Verifier
+
+
+class Unverified(Exception):
+    """A shadow evaluation needed a signature check that the answer did not make: shadow rules
+    never cost one."""
+
+
+class _CachedOnly:
+    """A verifier that only finds tokens already verified (for shadow evaluations)."""
+
+    def __init__(self, verifier: Verifier) -> None:
+        self._verifier = verifier
+
+    def verify(self, token: str, trusted: Any, now: float) -> Any:
+        hit = self._verifier.cached_verification(token, trusted, now)
+        if hit is None:
+            raise Unverified()
+        return hit
+
+    def note_hit(self) -> None:
+        pass  # shadow evaluations are not cache traffic
+
+
+class IdentityCell:
+    """Who is calling, worked out once per Check and shared by the evaluations of that Check that
+    read identities the same way (the answer and its shadow variants: same issuers, same cache)."""
+
+    __slots__ = ("done", "error", "ident")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.ident: Identity | None = None
+        self.error: AuthError | None = None
+
+    def get(self, engine: Engine, a: RequestAttributes, now: float) -> Identity | None:
+        if not self.done:
+            # Unverified passes through without settling the cell: nothing is known yet.
+            try:
+                self.ident = engine._identify(a, now)
+            except AuthError as e:
+                self.error = e
+            self.done = True
+        if self.error is not None:
+            raise self.error
+        return self.ident
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowResult:
+    """What a shadow rule would have answered, where it differs from the answer given."""
+
+    rule: str
+    table: str
+    outcome: str  # allow, deny, step_up; "unknown" when it needed a token nobody verified
+    reason: str
+    decision: Decision | None
 
 
 class Engine:
@@ -30,12 +86,35 @@ class Engine:
         """`verifier`: the process's verified-token cache (shared by every policy); a private one
         when none is given."""
         self.policy = policy
-        self.verifier = verifier if verifier is not None else Verifier()
+        self.verifier: Any = verifier if verifier is not None else Verifier()
         self._ids = policy.identities
         self._issuers = {i.id: i for i in policy.issuers}
         self._levels = policy.levels
+        self.shadows: tuple[tuple[str, str, Engine], ...] = ()
+        if policy.shadows:
+            cached_only = _CachedOnly(self.verifier)
+            self.shadows = tuple((s.rule_id, s.table, Engine(s.policy, verifier)) for s in policy.shadows)
+            for _, _, eng in self.shadows:
+                eng.verifier = cached_only
 
-    def decide(self, a: RequestAttributes, now: float) -> Decision:
+    def shadow(
+        self, a: RequestAttributes, now: float, answer: Decision, cell: IdentityCell
+    ) -> tuple[ShadowResult, ...]:
+        """Each shadow rule's decision of this request, where it differs from `answer` (decided by
+        this engine with `cell`). Never a signature check: a token the answer did not verify is
+        verified by no shadow rule ("unknown")."""
+        out = []
+        for rule, table, eng in self.shadows:
+            try:
+                d = eng.decide(a, now, cell)
+            except Unverified:
+                out.append(ShadowResult(rule, table, "unknown", "token_not_verified", None))
+                continue
+            if not same_answer(d, answer):
+                out.append(ShadowResult(rule, table, d.outcome.value, d.reason, d))
+        return tuple(out)
+
+    def decide(self, a: RequestAttributes, now: float, cell: IdentityCell | None = None) -> Decision:
         p = self.policy
 
         def refuse(r: Reason, text: str = "") -> Decision:
@@ -68,17 +147,19 @@ class Engine:
             # Frameworks disagree on a trailing slash (Express and Spring 5 route `/x/` to `/x`'s
             # handler; Go, Django and Werkzeug may have a handler of its own): allow only what
             # both readings allow, else answer with the first reading that does not.
-            first = self._operation(a, path, now)
+            first = self._operation(a, path, now, cell)
             if not first.allowed:
                 return first
-            second = self._operation(a, path[:-1], now)
+            second = self._operation(a, path[:-1], now, cell)
             if not second.allowed:
                 return second
             rules = tuple(dict.fromkeys((*first.matched_rules, *second.matched_rules)))
             return replace(first, matched_rules=rules)  # allowed under both: name both rules
-        return self._operation(a, path, now)
+        return self._operation(a, path, now, cell)
 
-    def _operation(self, a: RequestAttributes, path: str, now: float) -> Decision:
+    def _operation(
+        self, a: RequestAttributes, path: str, now: float, cell: IdentityCell | None
+    ) -> Decision:
         """Steps 1 to 6 for one reading of the operation."""
         p = self.policy
         matched: list[str] = []
@@ -129,7 +210,7 @@ class Engine:
 
         # 3. Who is calling? No credential: 401; a bad one: 401 invalid_token.
         try:
-            ident = self._identify(a, now)
+            ident = self._identify(a, now) if cell is None else cell.get(self, a, now)
         except AuthError as e:
             return out(e.reason, e.description)
         if ident is None:

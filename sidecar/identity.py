@@ -128,6 +128,7 @@ class IdentityMapper:
         """A bearer token: verified (or found verified) by `verifier`, then read by this policy."""
         ident = self._memo.get(token, now)
         if ident is not None:
+            verifier.note_hit()
             return ident if ident.principal == principal else replace(ident, principal=principal)
         verified = verifier.verify(token, self.trust, now)
         cfg = self._by_iss[verified.issuer]

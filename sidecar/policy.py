@@ -351,14 +351,52 @@ class Tables:
         return self._permissions.all_matches(method, path)
 
     def permission(self, method: str, path: str, who: SubjectView) -> PermissionResult:
-        missing: list[str] = []
-        for rule in self._permissions.all_matches(method, path):
-            granted, scope_only = rule.check(who)
-            if granted:
-                return PermissionResult(True, rule.id, workload=rule.workload_only)
-            if scope_only:
-                missing.extend(s for s in sorted(rule.scopes) if s not in missing)
-        return PermissionResult(False, missing_scopes=tuple(missing))
+        return _permission(self._permissions.all_matches(method, path), who)
+
+
+class VariantTables(Tables):
+    """The tables as if one shadow rule were enforced: lookups in the index of every rule (enforced
+    and shadow) that pass over the other shadow rules. Only a shadow evaluation uses these."""
+
+    def __init__(
+        self,
+        sensitivity: OperationIndex[SensitivityRule],
+        permissions: OperationIndex[PermissionRule],
+        skip_sensitivity: frozenset[str],
+        skip_permissions: frozenset[str],
+        methods: frozenset[str],
+    ) -> None:
+        self._sensitivity = sensitivity
+        self._permissions = permissions
+        self._skip_s = skip_sensitivity
+        self._skip_p = skip_permissions
+        self.methods = methods
+
+    def sensitivity(self, method: str, path: str) -> SensitivityRule | None:
+        for rule in self._sensitivity.all_matches(method, path):
+            if rule.id not in self._skip_s:
+                return rule
+        return None
+
+    def sensitivity_candidates(self, method: str, path: str) -> tuple[SensitivityRule, ...]:
+        return tuple(r for r in self._sensitivity.all_matches(method, path) if r.id not in self._skip_s)
+
+    def permission_candidates(self, method: str, path: str) -> tuple[PermissionRule, ...]:
+        return tuple(r for r in self._permissions.all_matches(method, path) if r.id not in self._skip_p)
+
+    def permission(self, method: str, path: str, who: SubjectView) -> PermissionResult:
+        return _permission(self.permission_candidates(method, path), who)
+
+
+def _permission(rules: tuple[PermissionRule, ...], who: SubjectView) -> PermissionResult:
+    missing: list[str] = []
+    for rule in rules:
+        granted, scope_only = rule.check(who)
+        if granted:
+            return PermissionResult(True, rule.id, workload=rule.workload_only)
+        if scope_only:
+            missing.extend(s for s in sorted(rule.scopes) if s not in missing)
+    return PermissionResult(False, missing_scopes=tuple(missing))
 
 
 def build_index(
@@ -429,5 +467,16 @@ class Policy:
     upstream_headers: UpstreamHeaders
     warnings: tuple[str, ...] = ()
     files: tuple[str, ...] = ()  # other files the policy was read from (JWKS), watched for changes
-    # Rule ids per table ("sensitivity", "permissions", "risk"), in file order (for coverage).
+    # Enforced rule ids per table ("sensitivity", "permissions", "risk"), in file order (coverage).
     rule_ids: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # One variant of this policy per shadow rule: the policy as if that rule were enforced.
+    shadows: tuple[Shadow, ...] = ()
+
+
+@dataclass(frozen=True)
+class Shadow:
+    """A rule written with `mode: shadow`, and the policy as if it were enforced."""
+
+    rule_id: str
+    table: str  # "sensitivity", "permissions" or "risk"
+    policy: Policy

@@ -266,11 +266,20 @@ def _patterns_ok(v: Any) -> bool:
     )
 
 
+_SENS_KEYS = ({"id", "match", "level"}, {"id", "match", "level", "mode"})
+_PERM_KEYS = ({"id", "match", "allow"}, {"id", "match", "allow", "mode"})
+
+
+def _mode_ok(r: dict[str, Any]) -> bool:
+    return r.get("mode", "enforce") in ("enforce", "shadow")
+
+
 def _sensitivity_rule_ok(r: Any) -> bool:
     """The schema's sensitivity rule, tested directly (the fast path; jsonschema explains a no)."""
     return (
         isinstance(r, dict)
-        and r.keys() == {"id", "match", "level"}
+        and r.keys() in _SENS_KEYS
+        and _mode_ok(r)
         and isinstance(r["id"], str)
         and _ID.match(r["id"]) is not None
         and isinstance(r["level"], str)
@@ -283,7 +292,8 @@ def _permission_rule_ok(r: Any) -> bool:
     """The schema's permission rule, tested directly (the fast path; jsonschema explains a no)."""
     if not (
         isinstance(r, dict)
-        and r.keys() == {"id", "match", "allow"}
+        and r.keys() in _PERM_KEYS
+        and _mode_ok(r)
         and isinstance(r["id"], str)
         and _ID.match(r["id"]) is not None
         and _patterns_ok(r["match"])

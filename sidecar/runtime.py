@@ -22,7 +22,7 @@ from sidecar import response
 from sidecar.attributes import RequestAttributes, from_check_request
 from sidecar.compiler import prime
 from sidecar.decision import Decision
-from sidecar.engine import Engine
+from sidecar.engine import Engine, IdentityCell, ShadowResult
 from sidecar.isolated import load_isolated, retire, settle
 from sidecar.keys import KeyStore, RemoteKeys
 from sidecar.policy import Policy
@@ -51,6 +51,9 @@ class Evaluation:
     attrs: RequestAttributes | None
     policy: Policy
     error: BaseException | None
+    shadow: tuple[ShadowResult, ...] = ()  # shadow rules that would have answered otherwise
+    candidate: Decision | None = None  # the candidate policy's decision, when one is loaded
+    candidate_version: str = ""
 
 
 def wire_answer(ev: Evaluation, decision_id: str) -> Any:
@@ -78,6 +81,7 @@ class Runtime:
         self.keys = keys if keys is not None else KeyStore()
         self.verifier = verifier if verifier is not None else Verifier()
         self.engine = Engine(policy, self.verifier)
+        self.candidate: Engine | None = None  # `serve --candidate`: decided beside, never enforced
         self.telemetry = telemetry
         self.clock = clock
 
@@ -85,22 +89,66 @@ class Runtime:
     def policy(self) -> Policy:
         return self.engine.policy
 
+    @property
+    def candidate_policy(self) -> Policy | None:
+        return self.candidate.policy if self.candidate is not None else None
+
     def swap(self, policy: Policy) -> None:
         self.engine = Engine(policy, self.verifier)
 
+    def swap_candidate(self, policy: Policy | None) -> None:
+        self.candidate = Engine(policy, self.verifier) if policy is not None else None
+
+    def key_providers(self) -> list[Any]:
+        """The key sources the active and the candidate policy use (the ones to keep)."""
+        policies = [self.policy, *([self.candidate.policy] if self.candidate is not None else [])]
+        return [i.keys for p in policies for i in p.issuers if i.keys is not None]
+
     async def evaluate(self, request: Any) -> Evaluation:
         engine = self.engine  # one policy for the whole call, even if a reload lands meanwhile
+        candidate = self.candidate
         attrs: RequestAttributes | None = None
         try:
             attrs = from_check_request(request)
-            decision = engine.decide(attrs, self.clock())
+            now = self.clock()
+            cell = IdentityCell() if engine.shadows else None
+            decision = engine.decide(attrs, now, cell)
             if decision.reason == "unknown_key" and await self._refresh_keys(engine.policy):
-                decision = engine.decide(attrs, self.clock())
-            return Evaluation(decision, attrs, engine.policy, None)
+                now = self.clock()
+                cell = IdentityCell() if engine.shadows else None
+                decision = engine.decide(attrs, now, cell)
+            ev = Evaluation(decision, attrs, engine.policy, None)
         except Exception as e:
             log_internal_error("internal error while deciding; denying", e)
             self.telemetry.metrics.internal_errors.inc()
             return Evaluation(INTERNAL, attrs, engine.policy, e)
+        if cell is not None or candidate is not None:
+            self._beside(ev, engine, candidate, now, cell)
+        return ev
+
+    @staticmethod
+    def _beside(
+        ev: Evaluation, engine: Engine, candidate: Engine | None, now: float, cell: IdentityCell | None
+    ) -> None:
+        """The shadow rules' and the candidate policy's decisions of the same request (same
+        attributes, same instant, same verified identity). They never change the answer: a
+        failure here is logged and reported as theirs."""
+        assert ev.attrs is not None
+        if cell is not None:
+            try:
+                ev.shadow = engine.shadow(ev.attrs, now, ev.decision, cell)
+            except Exception as e:
+                log_internal_error("shadow evaluation failed", e)
+                ev.shadow = tuple(
+                    ShadowResult(r, t, "error", "internal_error", None) for r, t, _ in engine.shadows
+                )
+        if candidate is not None:
+            try:
+                ev.candidate = candidate.decide(ev.attrs, now)
+            except Exception as e:
+                log_internal_error("candidate evaluation failed", e)
+                ev.candidate = INTERNAL
+            ev.candidate_version = candidate.policy.version
 
     async def _refresh_keys(self, policy: Policy, wait: float = REFRESH_WAIT) -> bool:
         """Fetch remote JWKS that may be refreshed now (rate-limited), in a thread. Waits at most
@@ -135,6 +183,9 @@ class Runtime:
                 else:
                     ids = trace_ids(ev.attrs.headers)
             tel.record(
+                shadow=ev.shadow,
+                candidate=ev.candidate,
+                candidate_version=ev.candidate_version,
                 decision=ev.decision,
                 attrs=ev.attrs,
                 decision_id=decision_id,
@@ -238,7 +289,7 @@ class PolicyWatcher:
         self.runtime.swap(policy)
         self._stamp = stamp
         settle(policy)
-        self.runtime.keys.retain([i.keys for i in policy.issuers if i.keys is not None])
+        self.runtime.keys.retain(self.runtime.key_providers())
         loop.run_in_executor(None, retire, [replaced])
         del replaced
         self.last_error = ""

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import queue
+import random
 import sys
 import threading
 import time
@@ -33,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from sidecar import __version__
 from sidecar.attributes import RequestAttributes
-from sidecar.decision import Decision
+from sidecar.decision import Decision, same_answer
 from sidecar.paths import valid_method
 
 log = logging.getLogger("stepup")
@@ -313,6 +314,22 @@ class Metrics:
         self.explains = Counter(
             "stepup_explains", "Explain calls (decided like a Check, not enforced)", registry=self.registry
         )
+        self.shadow_disagreements = Counter(
+            "stepup_shadow_disagreements",
+            "Checks a shadow rule would have answered otherwise, by rule and its outcome",
+            ["rule", "would"],
+            registry=self.registry,
+        )
+        self.candidate_disagreements = Counter(
+            "stepup_candidate_disagreements",
+            "Checks the candidate policy would have answered otherwise",
+            ["active", "candidate", "reason"],
+            registry=self.registry,
+        )
+        self.candidate_reloads = Counter(
+            "stepup_candidate_reloads", "Candidate policy load attempts by result", ["result"],
+            registry=self.registry,
+        )  # fmt: skip
         self.span_export_failures = Counter(
             "stepup_span_export_failures", "Span batches the exporter failed to send", registry=self.registry
         )
@@ -336,6 +353,9 @@ class Telemetry:
         self.metrics = metrics or Metrics()
         self._counters: dict[tuple[str, str], Any] = {}
         self._tracing = provider is not None
+        # The share of allowed decisions written to the decision log (denials, step-ups and
+        # disagreements always are); a sampled line carries "sample_rate".
+        self.sample_allowed = 1.0
 
     @property
     def tracing(self) -> bool:
@@ -356,10 +376,20 @@ class Telemetry:
         error: BaseException | None = None,
         explain: bool = False,
         ids: tuple[str, str] = ("", ""),
+        shadow: tuple[Any, ...] = (),
+        candidate: Decision | None = None,
+        candidate_version: str = "",
     ) -> None:
         """`parent`: the caller's trace context, when tracing; `ids`: the caller's trace and span
-        ids when not (read straight off the headers: no OpenTelemetry context work then)."""
+        ids when not (read straight off the headers: no OpenTelemetry context work then).
+        `shadow`: the shadow rules that would have answered otherwise; `candidate`: the candidate
+        policy's decision, when one is loaded."""
         fields = decision_fields(decision, decision_id, policy_version)
+        extra = ""
+        disagrees = cand_differs = False
+        if shadow or candidate is not None:
+            extra, cand_differs = self._beside(decision, shadow, candidate, candidate_version)
+            disagrees = bool(shadow) or cand_differs
         # The method is request content: only a valid method token goes to the span and the log.
         method = attrs.method if attrs is not None and valid_method(attrs.method) else ""
         ctx: trace.SpanContext | None = None
@@ -371,6 +401,15 @@ class Telemetry:
                 span_attrs["rpc.system"] = "grpc" if attrs.is_grpc else "http"
             if explain:
                 span_attrs["authz.explain"] = True
+            if shadow:
+                span_attrs["authz.shadow.rules"] = [r.rule for r in shadow]
+                span_attrs["authz.shadow.outcomes"] = [r.outcome for r in shadow]
+                span_attrs["authz.shadow.reasons"] = [r.reason for r in shadow]
+            if candidate is not None:
+                span_attrs["authz.candidate.outcome"] = candidate.outcome.value
+                span_attrs["authz.candidate.reason"] = candidate.reason
+                span_attrs["authz.candidate.policy_version"] = candidate_version
+                span_attrs["authz.candidate.agrees"] = not cand_differs
             span = self.tracer.start_span(
                 EXPLAIN_SPAN_NAME if explain else SPAN_NAME,
                 context=parent,
@@ -395,7 +434,11 @@ class Telemetry:
                 counter = self._counters[key] = self.metrics.decisions.labels(*key)
             counter.inc()
             self.metrics.latency.observe(duration)
-        if self.decision_log is not None:
+        if self.decision_log is not None and (
+            self.sample_allowed >= 1.0 or not decision.allowed or disagrees or explain or self._sampled()
+        ):
+            if self.sample_allowed < 1.0 and decision.allowed and not (disagrees or explain):
+                extra += f',"sample_rate":{self.sample_allowed}'
             if ctx is not None and ctx.is_valid:
                 trace_id, span_id = format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
             else:
@@ -403,9 +446,40 @@ class Telemetry:
             self.decision_log.write(
                 decision_line(
                     end_ns, trace_id, span_id, fields, method, attrs.is_grpc if attrs else False, duration,
-                    explain, type(error).__name__ if error is not None else "",
+                    explain, type(error).__name__ if error is not None else "", extra,
                 )
             )
+
+    def _sampled(self) -> bool:
+        return random.random() < self.sample_allowed  # noqa: S311 (sampling, not secrecy)
+
+    def _beside(
+        self, decision: Decision, shadow: tuple[Any, ...], candidate: Decision | None, version: str
+    ) -> tuple[str, bool]:
+        """Count the shadow rules' and the candidate's disagreements; their decision-log fields."""
+        m = self.metrics
+        parts = []
+        if shadow:
+            for r in shadow:
+                m.shadow_disagreements.labels(r.rule, r.outcome).inc()
+            items = ",".join(
+                f'{{"rule":{_str(r.rule)},"table":"{r.table}","outcome":"{r.outcome}","reason":"{r.reason}"}}'
+                for r in shadow
+            )
+            parts.append(f',"shadow":[{items}]')
+        differs = False
+        if candidate is not None:
+            differs = not same_answer(decision, candidate)
+            if differs:
+                m.candidate_disagreements.labels(
+                    decision.outcome.value, candidate.outcome.value, candidate.reason
+                ).inc()
+            parts.append(
+                f',"candidate":{{"outcome":"{candidate.outcome.value}","reason":"{candidate.reason}",'
+                f'"http_status":{candidate.http_status},"policy_version":{_str(version)},'
+                f'"agrees":{"false" if differs else "true"}}}'
+            )
+        return "".join(parts), differs
 
     def flush(self) -> None:
         if self.decision_log is not None:
@@ -433,6 +507,7 @@ def decision_line(
     duration: float,
     explain: bool,
     error: str,
+    beside: str = "",
 ) -> str:
     """The decision log line: the JSON `json.dumps` would write for these fields, built directly
     (it is written for every Check). Strings from a token or a peer are escaped; the others are
@@ -443,6 +518,7 @@ def decision_line(
     extra = ',"explain":true' if explain else ""
     if error:
         extra += ',"error":' + _str(error)
+    extra += beside
     return (
         f'{{"ts":{round(end_ns / 1e9, 6)},"event":"decision","trace_id":"{trace_id}","span_id":"{span_id}",'
         f'"decision_id":"{f["decision_id"]}","outcome":"{f["outcome"]}","reason":"{f["reason"]}",'

@@ -120,18 +120,32 @@ class Verifier:
         self._cache: BoundedCache[Verified] = BoundedCache(cache_size, max_bytes)
         self._max_ttl = max_ttl
         self.verifications = 0  # signatures checked (cache misses that got that far)
-        self.hits = 0
+        self.hits = 0  # tokens found verified (here or in a policy's identity memo, see note_hit)
+        self.misses = 0  # tokens not found verified
 
-    def verify(self, token: str, trusted: Mapping[str, Trust], now: float) -> Verified:
-        """The verified claims of `token` for a policy trusting `trusted` (keyed by `iss`), or
-        AuthError. The claims' meaning (audience, times, ...) is the caller's to check."""
+    def note_hit(self) -> None:
+        """A token found verified one level up (a policy's memo of identities)."""
+        self.hits += 1
+
+    def cached_verification(self, token: str, trusted: Mapping[str, Trust], now: float) -> Verified | None:
+        """`token`'s verified claims if it was verified before under the keys `trusted` names for
+        its issuer; None otherwise (nothing is checked here)."""
         hit = self._cache.get(token, now)
         if hit is not None:
             t = trusted.get(hit.issuer)
             if t is not None and t.keys is hit.keys and hit.alg in t.algorithms:
-                self.hits += 1
                 return hit
-            # Verified before under keys this policy does not trust the same way: verify again.
+        return None
+
+    def verify(self, token: str, trusted: Mapping[str, Trust], now: float) -> Verified:
+        """The verified claims of `token` for a policy trusting `trusted` (keyed by `iss`), or
+        AuthError. The claims' meaning (audience, times, ...) is the caller's to check."""
+        hit = self.cached_verification(token, trusted, now)
+        if hit is not None:
+            self.hits += 1
+            return hit
+        # Not verified before, or under keys this policy does not trust the same way: verify.
+        self.misses += 1
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthError(R.MALFORMED_TOKEN, "token too large")
         header, unverified = _peek(token)

@@ -34,14 +34,14 @@ TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 
 class Running:
-    def __init__(self) -> None:
+    def __init__(self, policy: Any = None) -> None:
         self.exporter = InMemorySpanExporter()
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(self.exporter))
         self.log = io.StringIO()
         self.metrics = Metrics()
         self.telemetry = Telemetry(provider, decision_log=self.log, metrics=self.metrics)
-        self.runtime = Runtime(load_policy(EXAMPLE_POLICY), self.telemetry, FixedClock(NOW))
+        self.runtime = Runtime(policy or load_policy(EXAMPLE_POLICY), self.telemetry, FixedClock(NOW))
         self.loop = asyncio.new_event_loop()
         self.port = 0
         self._ready = threading.Event()

@@ -148,7 +148,17 @@ async def _run(args: argparse.Namespace, policy: Any, keys: Any) -> int:
     stream = streams[args.decision_log]
     metrics = Metrics()
     telemetry = Telemetry(tracer_provider_from_env(metrics), decision_log=stream, metrics=metrics)
+    telemetry.sample_allowed = args.decision_log_sample_allowed
     runtime = Runtime(policy, telemetry, keys=keys)
+    candidate_watcher = None
+    if args.candidate:
+        # Loaded before serving, by the rules of a reload: a broken candidate is reported and
+        # counted, and the active policy serves regardless.
+        candidate_watcher = PolicyWatcher(Path(args.candidate), runtime, args.watch_interval, candidate=True)
+        if Path(args.candidate).exists():
+            await candidate_watcher.reload()
+        else:
+            log.warning("candidate policy %s not found; none is decided until it appears", args.candidate)
     server, health_servicer = build_server(runtime, explain=args.explain)
     await set_serving(health_servicer, False, args.explain)
     servers = [server]
@@ -184,11 +194,18 @@ async def _run(args: argparse.Namespace, policy: Any, keys: Any) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, sig)
-    watcher = PolicyWatcher(Path(args.policy), runtime, args.watch_interval)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(watcher.reload()))
+    watchers = [PolicyWatcher(Path(args.policy), runtime, args.watch_interval)]
+    if candidate_watcher is not None:
+        watchers.append(candidate_watcher)
+
+    def _reload_all() -> None:
+        for w in watchers:
+            asyncio.ensure_future(w.reload())
+
+    loop.add_signal_handler(signal.SIGHUP, _reload_all)
     tasks = [asyncio.ensure_future(_flush_every(telemetry, 0.5))]
     if args.watch_interval > 0:
-        tasks.append(asyncio.ensure_future(watcher.run()))
+        tasks.extend(asyncio.ensure_future(w.run()) for w in watchers)
     await stop.wait()
     log.info(
         "shutting down: health NOT_SERVING, finishing in-flight calls (grace %.1fs)", args.shutdown_grace

@@ -29,6 +29,16 @@ def _env_bool(name: str, default: bool) -> bool:
     return v.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _rate(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
+    return v
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text)
@@ -93,6 +103,22 @@ def _parser() -> argparse.ArgumentParser:
         choices=["stdout", "stderr", "off"],
         default=_env("DECISION_LOG", "stdout"),
         help="where JSON decision lines go [STEPUP_DECISION_LOG] (default stdout)",
+    )
+    s.add_argument(
+        "--decision-log-sample-allowed",
+        type=_rate,
+        default=_env("DECISION_LOG_SAMPLE_ALLOWED", "1"),
+        metavar="RATE",
+        help="share of allowed decisions written to the decision log, 0 to 1; denials, step-ups and"
+        " disagreements always are [STEPUP_DECISION_LOG_SAMPLE_ALLOWED] (default 1)",
+    )
+    s.add_argument(
+        "--candidate",
+        default=_env("CANDIDATE", ""),
+        metavar="FILE",
+        help="a candidate policy, decided beside the active one on every Check and never enforced:"
+        " disagreements are logged, traced and counted; reloaded like the policy; promote it by"
+        " moving its file over the policy's [STEPUP_CANDIDATE]",
     )
     s.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="[STEPUP_LOG_LEVEL] (default info)")
     s.add_argument(

@@ -115,6 +115,8 @@ def retire(box: list[Policy], grace: float = 2.0) -> bool:
     if sys.getrefcount(policy) > 2:  # this frame's name and getrefcount's own argument
         return False
     policy.tables.dismantle()
+    for shadow in policy.shadows:  # their index of every rule
+        shadow.policy.tables.dismantle()
     return True
 
 

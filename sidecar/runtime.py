@@ -168,10 +168,12 @@ class Runtime:
     async def refresh_stale_keys(self) -> None:
         """Periodic: refetch remote JWKS whose cache time has passed (keys removed by the IdP stop
         verifying; new ones are known before the first token that uses them)."""
-        policy = self.policy
-        stale = [i.keys for i in policy.issuers if isinstance(i.keys, RemoteKeys) and not i.keys.is_fresh()]
-        if stale:
-            await self._refresh_keys(policy, wait=60.0)
+        for policy in (self.policy, self.candidate_policy):
+            if policy is None:
+                continue
+            stale = [i.keys for i in policy.issuers if isinstance(i.keys, RemoteKeys) and not i.keys.is_fresh()]
+            if stale:
+                await self._refresh_keys(policy, wait=60.0)
 
     def record(self, ev: Evaluation, decision_id: str, start_ns: int, *, explain: bool = False) -> None:
         try:
@@ -217,10 +219,17 @@ class PolicyWatcher:
         runtime: Runtime,
         interval: float,
         loader: Callable[[Path], Policy] | None = None,
+        *,
+        candidate: bool = False,
     ):
+        """`candidate`: watch the candidate policy (`serve --candidate`) rather than the active one.
+        A missing candidate file means no candidate (promoting one is moving its file over the
+        active policy's); a broken one is rejected like a broken policy, the last good one stays."""
         self.path = path
         self.runtime = runtime
         self.interval = interval
+        self.candidate = candidate
+        self.what = "candidate policy" if candidate else "policy"
         # The default: validate in a child process, compile here against the runtime's key store
         # (unchanged JWKS sources keep their keys, and verified tokens stay verified).
         self.loader = loader or functools.partial(load_isolated, keys=runtime.keys)
@@ -234,7 +243,8 @@ class PolicyWatcher:
     def _fingerprint(self) -> tuple[Any, ...]:
         """Identity of the policy file and the JWKS files it names (a ConfigMap swaps all at once)."""
         stamp: list[Any] = []
-        for f in (str(self.path), *self.runtime.policy.files):
+        current = self.current()
+        for f in (str(self.path), *(current.files if current is not None else ())):
             try:
                 real = os.path.realpath(f)
                 st = os.stat(real)
@@ -243,11 +253,26 @@ class PolicyWatcher:
                 stamp.append((str(f), "missing"))
         return tuple(stamp)
 
+    def current(self) -> Policy | None:
+        return self.runtime.candidate_policy if self.candidate else self.runtime.policy
+
+    def _install(self, policy: Policy | None) -> None:
+        if self.candidate:
+            self.runtime.swap_candidate(policy)
+        else:
+            assert policy is not None
+            self.runtime.swap(policy)
+
+    def _count(self, result: str) -> None:
+        m = self.runtime.telemetry.metrics
+        (m.candidate_reloads if self.candidate else m.reloads).labels(result).inc()
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             await self.check()
-            await self.runtime.refresh_stale_keys()
+            if not self.candidate:
+                await self.runtime.refresh_stale_keys()
 
     async def check(self) -> bool:
         if self._fingerprint() == self._stamp:
@@ -265,36 +290,47 @@ class PolicyWatcher:
             return self._last_result
 
     async def _load(self) -> bool:
-        metrics = self.runtime.telemetry.metrics
         loop = asyncio.get_running_loop()
         # Taken before reading: a change made while loading shows as a difference next time.
         stamp = self._fingerprint()
+        replaced = self.current()
+        old = replaced.version if replaced is not None else "none"
+        if self.candidate and not self.path.exists():
+            self._stamp = stamp
+            self.last_error = ""
+            if replaced is not None:
+                self._install(None)
+                self.runtime.keys.retain(self.runtime.key_providers())
+                loop.run_in_executor(None, retire, [replaced])
+                del replaced
+                self._count("removed")
+                log.info("candidate policy %s removed (its file is gone)", old)
+            return True
         try:
             policy = await loop.run_in_executor(None, self.loader, self.path)
             policy = await loop.run_in_executor(None, prime, policy, self.runtime.keys)
         except PolicyError as e:
             self._stamp = stamp
             self.last_error = str(e)
-            metrics.reloads.labels("rejected").inc()
-            log.error("policy reload rejected; keeping %s:\n%s", self.runtime.policy.version, e)
+            self._count("rejected")
+            log.error("%s reload rejected; keeping %s:\n%s", self.what, old, e)
             return False
         except Exception as e:
             self._stamp = stamp
             self.last_error = type(e).__name__
-            metrics.reloads.labels("rejected").inc()
-            log_internal_error(f"policy reload failed; keeping {self.runtime.policy.version}", e)
+            self._count("rejected")
+            log_internal_error(f"{self.what} reload failed; keeping {old}", e)
             return False
-        replaced = self.runtime.policy
-        old = replaced.version
-        self.runtime.swap(policy)
+        self._install(policy)
         self._stamp = stamp
         settle(policy)
         self.runtime.keys.retain(self.runtime.key_providers())
-        loop.run_in_executor(None, retire, [replaced])
+        if replaced is not None:
+            loop.run_in_executor(None, retire, [replaced])
         del replaced
         self.last_error = ""
-        metrics.reloads.labels("applied").inc()
-        log.info("policy reloaded: %s -> %s", old, policy.version)
+        self._count("applied")
+        log.info("%s reloaded: %s -> %s", self.what, old, policy.version)
         for w in policy.warnings:
-            log.warning("policy: %s", w)
+            log.warning("%s: %s", self.what, w)
         return True

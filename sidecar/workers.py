@@ -43,6 +43,8 @@ def worker_argv(args: argparse.Namespace, index: int, port: int, host: str) -> l
         "--drain-delay", str(args.drain_delay),
         "--shutdown-grace", str(args.shutdown_grace),
         "--explain" if args.explain else "--no-explain",
+        "--candidate", args.candidate,
+        "--decision-log-sample-allowed", str(args.decision_log_sample_allowed),
     ]  # fmt: skip
     return argv
 

@@ -23,6 +23,7 @@ from sidecar._proto.envoy.config.core.v3 import base_pb2
 from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from sidecar._proto.stepup.v1 import explain_pb2_grpc
 from sidecar.compiler import load_policy
+from sidecar.keys import KeyStore
 from sidecar.runtime import Runtime
 from sidecar.server import build_server, set_serving
 from sidecar.telemetry import Metrics, Telemetry
@@ -41,7 +42,9 @@ class Running:
         self.log = io.StringIO()
         self.metrics = Metrics()
         self.telemetry = Telemetry(provider, decision_log=self.log, metrics=self.metrics)
-        self.runtime = Runtime(policy or load_policy(EXAMPLE_POLICY), self.telemetry, FixedClock(NOW))
+        keys = KeyStore()  # one per process, as in `serve`
+        policy = policy or load_policy(EXAMPLE_POLICY, keys=keys)
+        self.runtime = Runtime(policy, self.telemetry, FixedClock(NOW), keys=keys)
         self.loop = asyncio.new_event_loop()
         self.port = 0
         self._ready = threading.Event()

@@ -198,9 +198,13 @@ async def _run(args: argparse.Namespace, policy: Any, keys: Any) -> int:
     if candidate_watcher is not None:
         watchers.append(candidate_watcher)
 
+    pending: set[asyncio.Future[bool]] = set()
+
     def _reload_all() -> None:
         for w in watchers:
-            asyncio.ensure_future(w.reload())
+            fut = asyncio.ensure_future(w.reload())
+            pending.add(fut)
+            fut.add_done_callback(pending.discard)
 
     loop.add_signal_handler(signal.SIGHUP, _reload_all)
     tasks = [asyncio.ensure_future(_flush_every(telemetry, 0.5))]

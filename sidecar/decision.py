@@ -59,4 +59,4 @@ def same_answer(a: Decision, b: Decision) -> bool:
         return False
     if a.outcome is Outcome.ALLOW:
         return True
-    return a.reason == b.reason and a.acr_values == b.acr_values and a.max_age == b.max_age and a.scope == b.scope
+    return (a.reason, a.acr_values, a.max_age, a.scope) == (b.reason, b.acr_values, b.max_age, b.scope)

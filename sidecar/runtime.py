@@ -171,8 +171,7 @@ class Runtime:
         for policy in (self.policy, self.candidate_policy):
             if policy is None:
                 continue
-            stale = [i.keys for i in policy.issuers if isinstance(i.keys, RemoteKeys) and not i.keys.is_fresh()]
-            if stale:
+            if any(isinstance(i.keys, RemoteKeys) and not i.keys.is_fresh() for i in policy.issuers):
                 await self._refresh_keys(policy, wait=60.0)
 
     def record(self, ev: Evaluation, decision_id: str, start_ns: int, *, explain: bool = False) -> None:

@@ -138,8 +138,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, policy: Any, keys: Any) -> int:
-    from prometheus_client import start_http_server
-
+    from sidecar.ops import Liveness, start_ops_server
     from sidecar.runtime import PolicyWatcher, Runtime
     from sidecar.server import build_health_server, build_server, set_serving
     from sidecar.telemetry import LineWriter, Metrics, Telemetry, tracer_provider_from_env
@@ -169,12 +168,18 @@ async def _run(args: argparse.Namespace, policy: Any, keys: Any) -> int:
     ]
     if 0 in ports:
         return 1
+    liveness = Liveness()
     if args.metrics_listen:
-        host, _, mport = args.metrics_listen.rpartition(":")
-        start_http_server(int(mport), addr=host or "127.0.0.1", registry=metrics.registry)
+        try:
+            start_ops_server(args.metrics_listen, metrics.registry, liveness.alive, lambda: liveness.ready)
+        except (OSError, ValueError) as e:
+            log.error("cannot serve metrics on %s: %s", args.metrics_listen, e)
+            return 1
     for srv in servers:
         await srv.start()
+    _sync_metrics(telemetry, runtime)  # the policy info is there from the first scrape
     await set_serving(health_servicer, True, args.explain)
+    liveness.ready = True
     log.info(
         "serving Authorization/Check on %s:%d (policy %s)",
         args.listen.rpartition(":")[0],
@@ -207,7 +212,7 @@ async def _run(args: argparse.Namespace, policy: Any, keys: Any) -> int:
             fut.add_done_callback(pending.discard)
 
     loop.add_signal_handler(signal.SIGHUP, _reload_all)
-    tasks = [asyncio.ensure_future(_flush_every(telemetry, 0.5))]
+    tasks = [asyncio.ensure_future(_every_half_second(telemetry, runtime, liveness))]
     if args.watch_interval > 0:
         tasks.extend(asyncio.ensure_future(w.run()) for w in watchers)
     await stop.wait()
@@ -215,6 +220,7 @@ async def _run(args: argparse.Namespace, policy: Any, keys: Any) -> int:
         "shutting down: health NOT_SERVING, finishing in-flight calls (grace %.1fs)", args.shutdown_grace
     )
     await set_serving(health_servicer, False, args.explain)
+    liveness.ready = False
     if args.drain_delay > 0 and received[:1] == [signal.SIGTERM]:
         # Keep answering while callers and probes see NOT_SERVING: gRPC's stop() would cancel
         # calls that have arrived but not yet reached the servicer.
@@ -240,7 +246,20 @@ def _bind(server: Any, address: str) -> int:
     return port
 
 
-async def _flush_every(telemetry: Any, seconds: float) -> None:
+async def _every_half_second(telemetry: Any, runtime: Any, liveness: Any) -> None:
+    """The decision log's flush, the metrics kept as plain integers, and the liveness beat."""
     while True:
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(0.5)
+        liveness.beat()
         telemetry.flush()
+        _sync_metrics(telemetry, runtime)
+
+
+def _sync_metrics(telemetry: Any, runtime: Any) -> None:
+    try:
+        policies = {"active": runtime.policy, "candidate": runtime.candidate_policy}
+        telemetry.metrics.sync(runtime.verifier, policies)
+    except Exception as e:  # never stop flushing for a metric
+        from sidecar.telemetry import log_internal_error
+
+        log_internal_error("metrics sync failed", e)

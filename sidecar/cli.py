@@ -154,9 +154,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--format", choices=["text", "json"], default="text", help="output format (default text)")
 
-    sub.add_parser(
-        "schema", help="print the policy's JSON Schema", description="Print the policy's JSON Schema."
+    sc = sub.add_parser(
+        "schema",
+        help="print the policy's (or the decision log line's) JSON Schema",
+        description="Print the policy's JSON Schema, or with --decision-log the decision log line's.",
     )
+    sc.add_argument("--decision-log", action="store_true", help="the schema of a decision log line")
 
     te = sub.add_parser(
         "test",
@@ -249,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "schema":
         from sidecar.policyfile import schema
 
-        print(json.dumps(schema(), indent=2))
+        if args.decision_log:
+            print((Path(__file__).parent / "decision-line.schema.json").read_text(), end="")
+        else:
+            print(json.dumps(schema(), indent=2))
         return 0
     if args.command == "dev-token":
         return _dev_token(args)

@@ -333,6 +333,7 @@ class RemoteKeys:
         self._last_good: KeySet | None = None
         self._last_attempt = float("-inf")
         self._lock = threading.Lock()
+        self.fetches = 0  # fetches that brought usable keys
         self.fetch_failures = 0
         self.last_error = ""
 
@@ -367,6 +368,7 @@ class RemoteKeys:
                 )
                 return False
             self.last_error = ""
+            self.fetches += 1
             self._fresh["keys"] = jwks.keys
             self._last_good = jwks.keys
             return True

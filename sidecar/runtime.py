@@ -29,7 +29,7 @@ from sidecar.policy import Policy
 from sidecar.policyfile import PolicyError
 from sidecar.reasons import Reason
 from sidecar.telemetry import Telemetry, log_internal_error, trace_ids
-from sidecar.tokens import Verifier
+from sidecar.tokens import Uncounted, Verifier
 
 log = logging.getLogger("stepup")
 
@@ -97,7 +97,11 @@ class Runtime:
         self.engine = Engine(policy, self.verifier)
 
     def swap_candidate(self, policy: Policy | None) -> None:
-        self.candidate = Engine(policy, self.verifier) if policy is not None else None
+        if policy is None:
+            self.candidate = None
+            return
+        self.candidate = Engine(policy, self.verifier)
+        self.candidate.verifier = Uncounted(self.verifier)
 
     def key_providers(self) -> list[Any]:
         """The key sources the active and the candidate policy use (the ones to keep)."""

@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sidecar import __version__
 from sidecar.attributes import RequestAttributes
@@ -296,12 +296,39 @@ class Metrics:
             ["outcome", "reason"],
             registry=self.registry,
         )
+        self.by_sensitivity = Counter(
+            "stepup_decisions_by_sensitivity",
+            "Check decisions by the operation's sensitivity level (none: no rule matched) and outcome",
+            ["sensitivity", "outcome"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "stepup_check_duration_seconds",
             "Time to decide one Check (in the sidecar)",
-            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25, 0.5),
             registry=self.registry,
         )
+        self.token_cache = Counter(
+            "stepup_token_cache",
+            "Bearer tokens found already verified (hit) or not (miss)",
+            ["result"],
+            registry=self.registry,
+        )
+        self.jwks_fetches = Counter(
+            "stepup_jwks_fetches",
+            "JWKS fetches by issuer id and result (ok, failed)",
+            ["issuer", "result"],
+            registry=self.registry,
+        )
+        self.policy_info = Gauge(
+            "stepup_policy_info",
+            "The loaded policies (role active or candidate): 1 for each, by name, version and hash",
+            ["role", "name", "version", "hash"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self._synced: dict[Any, int] = {}
+        self._info: set[tuple[str, str, str, str]] = set()
         self.reloads = Counter(
             "stepup_policy_reloads", "Policy reload attempts by result", ["result"], registry=self.registry
         )
@@ -335,6 +362,34 @@ class Metrics:
         )
 
 
+    def sync(self, verifier: Any, policies: Mapping[str, Any]) -> None:
+        """Bring the counters kept as plain integers (token cache, JWKS fetches) and the policy
+        info up to date: called every half second, so the hot path never touches them."""
+        self._add(self.token_cache.labels("hit"), ("hit",), verifier.hits)
+        self._add(self.token_cache.labels("miss"), ("miss",), verifier.misses)
+        info = set()
+        for role, policy in policies.items():
+            if policy is None:
+                continue
+            info.add((role, policy.name, policy.version, policy.version.rpartition("@")[2]))
+            for issuer in policy.issuers:
+                keys = issuer.keys
+                if hasattr(keys, "fetch_failures"):
+                    for result, total in (("ok", keys.fetches), ("failed", keys.fetch_failures)):
+                        self._add(self.jwks_fetches.labels(issuer.id, result), (id(keys), result), total)
+        for gone in self._info - info:
+            self.policy_info.labels(*gone).set(0)
+        for now in info - self._info:
+            self.policy_info.labels(*now).set(1)
+        self._info = info
+
+    def _add(self, counter: Any, key: Any, total: int) -> None:
+        delta = total - self._synced.get(key, 0)
+        if delta > 0:
+            counter.inc(delta)
+        self._synced[key] = total
+
+
 class Telemetry:
     """Records each decision as a span, a JSON log line and metrics."""
 
@@ -352,6 +407,7 @@ class Telemetry:
         self.decision_log = decision_log
         self.metrics = metrics or Metrics()
         self._counters: dict[tuple[str, str], Any] = {}
+        self._by_sensitivity: dict[tuple[str, str], Any] = {}
         self._tracing = provider is not None
         # The share of allowed decisions written to the decision log (denials, step-ups and
         # disagreements always are); a sampled line carries "sample_rate".
@@ -432,6 +488,13 @@ class Telemetry:
             counter = self._counters.get(key)
             if counter is None:
                 counter = self._counters[key] = self.metrics.decisions.labels(*key)
+            counter.inc()
+            key = (decision.sensitivity or "none", decision.outcome.value)
+            counter = self._by_sensitivity.get(key)
+            if counter is None:
+                if len(self._by_sensitivity) >= 1024:  # levels are the policy's: few, but bounded
+                    key = ("other", key[1])
+                counter = self._by_sensitivity[key] = self.metrics.by_sensitivity.labels(*key)
             counter.inc()
             self.metrics.latency.observe(duration)
         if self.decision_log is not None and (

@@ -137,15 +137,16 @@ class Verifier:
                 return hit
         return None
 
-    def verify(self, token: str, trusted: Mapping[str, Trust], now: float) -> Verified:
+    def verify(self, token: str, trusted: Mapping[str, Trust], now: float, *, count: bool = True) -> Verified:
         """The verified claims of `token` for a policy trusting `trusted` (keyed by `iss`), or
-        AuthError. The claims' meaning (audience, times, ...) is the caller's to check."""
+        AuthError. The claims' meaning (audience, times, ...) is the caller's to check. `count`:
+        whether the lookup counts as cache traffic (the candidate policy's do not)."""
         hit = self.cached_verification(token, trusted, now)
         if hit is not None:
-            self.hits += 1
+            self.hits += count
             return hit
         # Not verified before, or under keys this policy does not trust the same way: verify.
-        self.misses += 1
+        self.misses += count
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthError(R.MALFORMED_TOKEN, "token too large")
         header, unverified = _peek(token)
@@ -192,6 +193,20 @@ class Verifier:
     @property
     def cached(self) -> int:
         return len(self._cache)
+
+
+class Uncounted:
+    """The process's verifier for a policy whose lookups are not cache traffic (the candidate's:
+    the hit rate is the answers')."""
+
+    def __init__(self, verifier: Verifier) -> None:
+        self._verifier = verifier
+
+    def verify(self, token: str, trusted: Mapping[str, Trust], now: float) -> Verified:
+        return self._verifier.verify(token, trusted, now, count=False)
+
+    def note_hit(self) -> None:
+        pass
 
 
 def _json(raw: bytes | str) -> Any:

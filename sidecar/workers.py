@@ -100,14 +100,22 @@ async def _supervise(args: argparse.Namespace, host: str, base: int, metrics_dir
         workers.append(w)
     log.info("started %d workers on %s ports %d-%d", args.workers, host, base, base + args.workers - 1)
 
+    from sidecar.ops import Liveness, start_ops_server
+
+    liveness = Liveness()  # ready: every worker SERVING
     if args.metrics_listen:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
-        mhost, _, mport = args.metrics_listen.rpartition(":")
-        start_http_server(int(mport), addr=mhost or "127.0.0.1", registry=registry)
+        try:
+            start_ops_server(args.metrics_listen, registry, liveness.alive, lambda: liveness.ready)
+        except (OSError, ValueError) as e:
+            log.error("cannot serve metrics on %s: %s", args.metrics_listen, e)
+            for w in workers:
+                w.signal(signal.SIGTERM)
+            return 1
 
     health_server = None
     health_servicer = None
@@ -145,6 +153,7 @@ async def _supervise(args: argparse.Namespace, host: str, base: int, metrics_dir
             for w in workers:
                 assert w.proc is not None
                 if w.proc.poll() is not None and not stop.is_set():
+                    _forget(w.proc.pid, metrics_dir)
                     delay = min(30.0, 0.5 * 2 ** min(w.restarts, 6))
                     log.error(
                         "worker %d exited with %s; restarting in %.1fs", w.index, w.proc.returncode, delay
@@ -153,14 +162,18 @@ async def _supervise(args: argparse.Namespace, host: str, base: int, metrics_dir
                     await asyncio.sleep(delay)
                     if not stop.is_set():
                         w.start()
-            if health_servicer is not None:
+            liveness.beat()
+            if health_servicer is not None or args.metrics_listen:
                 states = await asyncio.gather(*(_health(a) for a in addresses))
                 serving = all(s == health_pb2.HealthCheckResponse.SERVING for s in states)
-                await _set(health_servicer, serving)
+                liveness.ready = serving and not stop.is_set()
+                if health_servicer is not None:
+                    await _set(health_servicer, serving)
             await asyncio.sleep(0.5)
 
     watcher = asyncio.ensure_future(watch())
     await stop.wait()
+    liveness.ready = False
     if health_servicer is not None:
         await _set(health_servicer, False)
     log.info("stopping %d workers", len(workers))
@@ -182,6 +195,16 @@ async def _supervise(args: argparse.Namespace, host: str, base: int, metrics_dir
         await health_server.stop(0)
     log.info("stopped")
     return 0 if all(c == 0 for c in codes) else 1
+
+
+def _forget(pid: int, metrics_dir: str) -> None:
+    """A dead worker's live gauges (policy info) leave the aggregate; its counters stay."""
+    from prometheus_client import multiprocess
+
+    try:
+        multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
+    except OSError:
+        pass
 
 
 async def _health(address: str) -> int:

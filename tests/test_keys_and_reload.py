@@ -213,3 +213,32 @@ def test_stale_remote_keys_are_refetched_periodically(tmp_path: Path) -> None:
     asyncio.run(runtime.refresh_stale_keys())
     assert idp.fetches == 2
     assert _decide(runtime.engine, make_token()) == "unknown_key"
+
+
+def test_jwks_fetches_and_failures_are_counted_by_issuer(tmp_path: Path) -> None:
+    idp = FakeIdP(_public(PRIVATE_JWK))
+    policy = _policy_with_url(tmp_path, idp, FixedClock(NOW))
+    metrics = Metrics()
+    runtime = Runtime(policy, Telemetry(None, decision_log=None, metrics=metrics), FixedClock(NOW))
+    remote = policy.issuers[0].keys
+    assert isinstance(remote, RemoteKeys)
+
+    def sample(result: str) -> float | None:
+        metrics.sync(runtime.verifier, {"active": runtime.policy})
+        return metrics.registry.get_sample_value("stepup_jwks_fetches_total", {"issuer": "dev", "result": result})
+
+    assert sample("ok") == 1 and sample("failed") == 0  # the load-time fetch
+    idp.down = True
+    remote._last_attempt = float("-inf")
+    assert remote.refresh() is False
+    assert sample("ok") == 1 and sample("failed") == 1
+    idp.down = False
+    remote._last_attempt = float("-inf")
+    assert remote.refresh() is True
+    assert sample("ok") == 2 and sample("failed") == 1
+    assert sample("ok") == 2  # syncing again adds nothing
+    info = metrics.registry.get_sample_value(
+        "stepup_policy_info",
+        {"role": "active", "name": "bank-demo", "version": policy.version, "hash": policy.version.split("@")[1]},
+    )
+    assert info == 1

@@ -8,9 +8,11 @@ import io
 import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
+import jsonschema
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,6 +21,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+import sidecar
 from sidecar._proto.envoy.config.core.v3 import base_pb2
 from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from sidecar._proto.stepup.v1 import explain_pb2_grpc
@@ -30,6 +33,9 @@ from sidecar.telemetry import Metrics, Telemetry
 from tests.helpers import ACR_PHR, EXAMPLE_POLICY, NOW, FixedClock, check_request, make_token
 
 TRANSFER = "/bank.v1.Payments/Transfer"
+LINE_SCHEMA = jsonschema.Draft202012Validator(
+    json.loads((Path(sidecar.__file__).parent / "decision-line.schema.json").read_text())
+)
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
@@ -72,7 +78,11 @@ class Running:
         return external_auth_pb2_grpc.AuthorizationStub(self.channel).Check(req, timeout=5)
 
     def log_lines(self) -> list[dict[str, Any]]:
-        return [json.loads(x) for x in self.log.getvalue().splitlines()]
+        """The decision lines so far, each checked against the published schema."""
+        lines = [json.loads(x) for x in self.log.getvalue().splitlines()]
+        for line in lines:
+            LINE_SCHEMA.validate(line)
+        return lines
 
     def stop(self) -> None:
         self.channel.close()

@@ -78,6 +78,12 @@ def test_two_workers_on_their_own_ports(tmp_path: Path) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
             text = r.read().decode()
         assert _sample(text, "stepup_decisions_total") == 6  # one scrape, both workers
+        assert _sample(text, "stepup_decisions_by_sensitivity_total") == 6
+        infos = [x for x in text.splitlines() if x.startswith("stepup_policy_info{") and x.endswith(" 1.0")]
+        assert len(infos) == 1 and 'role="active"' in infos[0] and 'name="bank-demo"' in infos[0], text
+        for path, want in (("/healthz", 200), ("/readyz", 200)):
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}{path}", timeout=5) as r:
+                assert r.status == want
 
         # SIGHUP reloads every worker.
         policy.write_text(example_policy_text((LEVEL, LEVEL.replace("level: high", "level: public"))))
@@ -101,6 +107,12 @@ def test_two_workers_on_their_own_ports(tmp_path: Path) -> None:
                 break
             time.sleep(0.05)
         assert seen_not_serving and health_status(f"127.0.0.1:{health}") == 1
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/readyz", timeout=5) as r:
+            assert r.status == 200  # ready again with both workers
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        infos = [x for x in text.splitlines() if x.startswith("stepup_policy_info{") and x.endswith(" 1.0")]
+        assert len(infos) == 1, infos  # the dead worker's gauge left with it; one policy loaded
         for port in (base, base + 1):
             wait_serving(f"127.0.0.1:{port}")
             assert _check(f"127.0.0.1:{port}", transfer) == (0, "")

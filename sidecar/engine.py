@@ -18,7 +18,7 @@ from sidecar.attributes import RequestAttributes
 from sidecar.decision import Decision, same_answer
 from sidecar.identity import AuthError, Identity
 from sidecar.paths import valid_method
-from sidecar.policy import LevelSpec, Policy, SubjectView
+from sidecar.policy import LevelSpec, Policy, SubjectView, VariantTables
 from sidecar.reasons import Reason
 from sidecar.tokens import Verifier
 
@@ -104,7 +104,22 @@ class Engine:
         this engine with `cell`). Never a signature check: a token the answer did not verify is
         verified by no shadow rule ("unknown")."""
         out = []
+        if a.path_error or a.header_problem:
+            return ()  # refused before any table is read: the same under every variant
+        p = self.policy
+        path = a.path if p.case_sensitive_paths else a.path.lower()
+        readings = (path, path[:-1]) if len(path) > 1 and path[-1] == "/" else (path,)
         for rule, table, eng in self.shadows:
+            if table != "risk":
+                # A variant can differ only where its rule matches the operation (as the engine
+                # reads it), or where the rule names a method the enforced tables do not.
+                vt = eng.policy.tables
+                assert isinstance(vt, VariantTables)
+                if not (
+                    any(vt.covers(table, rule, a.method, r) for r in readings)
+                    or (a.method in vt.methods and a.method not in p.tables.methods)
+                ):
+                    continue
             try:
                 d = eng.decide(a, now, cell)
             except Unverified:

@@ -378,6 +378,13 @@ class VariantTables(Tables):
                 return rule
         return None
 
+    def covers(self, table: str, rule_id: str, method: str, path: str) -> bool:
+        """Whether a pattern of the rule `rule_id` of `table` matches the operation."""
+        index: OperationIndex[SensitivityRule] | OperationIndex[PermissionRule] = (
+            self._sensitivity if table == "sensitivity" else self._permissions
+        )
+        return any(r.id == rule_id for r in index.all_matches(method, path))
+
     def sensitivity_candidates(self, method: str, path: str) -> tuple[SensitivityRule, ...]:
         return tuple(r for r in self._sensitivity.all_matches(method, path) if r.id not in self._skip_s)
 

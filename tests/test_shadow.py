@@ -199,13 +199,22 @@ def test_each_shadow_rule_reports_what_the_policy_with_it_enforced_decides() -> 
     from sidecar.telemetry import Metrics, Telemetry
     from tests.helpers import FixedClock
 
-    reps = [SHADOW_CRITICAL, SHADOW_GRANT, SHADOW_DEVICE, SHADOW_PUBLIC]
+    http_shadow = (SENS, '    - {id: accounts-high, match: ["GET /v1/accounts/**"], level: high, mode: shadow}\n' + SENS)
+    purge = (SENS, '    - {id: purge, match: ["Purge /v1/accounts/**"], level: low, mode: shadow}\n' + SENS)
+    purge_grant = (PERMS, '  - {id: purgers, match: ["* /v1/accounts/**"], allow: {roles: [teller]}, mode: shadow}\n' + PERMS)
+    reps = [SHADOW_CRITICAL, SHADOW_GRANT, SHADOW_DEVICE, SHADOW_PUBLIC, http_shadow, purge, purge_grant]
     tel = Telemetry(None, decision_log=None, metrics=Metrics())
     shadowed = Runtime(policy(*reps), tel, FixedClock(NOW))
     requests = [r() for _, r in REQUESTS] + [
         check_request(BALANCE, token=make_token(acr=a, roles=roles), headers=h)
         for a in ("urn:okta:loa:1fa:any", ACR_2FA, ACR_PHR, "phrh")
         for roles in (["teller"], ["auditor"], [])
+        for h in ({}, {"x-device-id": "d"})
+    ] + [
+        check_request(path, method=m, grpc=False, token=make_token(acr=a), headers=h)
+        for path in ("/v1/accounts/1", "/v1/accounts/1/", "/v1/accounts/1/balance", "/v1/accounts/1/balance/", "/healthz/")
+        for m in ("GET", "HEAD", "get", "Purge", "PURGE", "POST")
+        for a in ("urn:okta:loa:1fa:any", ACR_PHR)
         for h in ({}, {"x-device-id": "d"})
     ] + [
         check_request(TRANSFER, token=make_token(acr=a, roles=roles, scope=sc), headers=h)
@@ -220,6 +229,8 @@ def test_each_shadow_rule_reports_what_the_policy_with_it_enforced_decides() -> 
         enforced_reps = [*reps[:i], (old, new.replace(", mode: shadow", "")), *reps[i + 1 :]]
         if rule == "balance-critical":  # it takes the pattern of `balance`, as it would enforced
             enforced_reps.append((f'match: ["{BALANCE}", "GET', 'match: ["GET'))
+        if rule == "accounts-high":  # it takes that pattern of `accounts`
+            enforced_reps.append(('match: ["/bank.v1.Accounts/*", "GET /v1/accounts/**"], level: personal', 'match: ["/bank.v1.Accounts/*"], level: personal'))
         if rule == "health-low":  # it takes the place of `health`
             enforced_reps.append(('{id: health, match: ["GET /healthz"], level: public}', "{id: health, match: [GET /x], level: public}"))
         enforced = Runtime(policy(*enforced_reps), tel, FixedClock(NOW))
@@ -235,4 +246,5 @@ def test_each_shadow_rule_reports_what_the_policy_with_it_enforced_decides() -> 
             else:
                 assert mine and mine[0].outcome == want.outcome.value and mine[0].reason == want.reason, rule
                 seen[rule] += 1
-    assert seen["agree"] > 50 and all(seen[r] >= 2 for r in ("balance-critical", "auditors-transfer", "device")), seen
+    assert seen["agree"] > 50, seen
+    assert all(seen[r] >= 2 for r in ("balance-critical", "auditors-transfer", "device", "accounts-high", "purge")), seen

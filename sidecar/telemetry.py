@@ -408,6 +408,7 @@ class Telemetry:
         self.metrics = metrics or Metrics()
         self._counters: dict[tuple[str, str], Any] = {}
         self._by_sensitivity: dict[tuple[str, str], Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
         self._tracing = provider is not None
         # The share of allowed decisions written to the decision log (denials, step-ups and
         # disagreements always are); a sampled line carries "sample_rate".
@@ -513,6 +514,15 @@ class Telemetry:
                 )
             )
 
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        """A labelled child, remembered (label values here come from the policy and the reason
+        registry: bounded)."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def _sampled(self) -> bool:
         return random.random() < self.sample_allowed  # noqa: S311 (sampling, not secrecy)
 
@@ -524,7 +534,7 @@ class Telemetry:
         parts = []
         if shadow:
             for r in shadow:
-                m.shadow_disagreements.labels(r.rule, r.outcome).inc()
+                self._child(m.shadow_disagreements, (r.rule, r.outcome)).inc()
             items = ",".join(
                 f'{{"rule":{_str(r.rule)},"table":"{r.table}","outcome":"{r.outcome}","reason":"{r.reason}"}}'
                 for r in shadow
@@ -534,9 +544,8 @@ class Telemetry:
         if candidate is not None:
             differs = not same_answer(decision, candidate)
             if differs:
-                m.candidate_disagreements.labels(
-                    decision.outcome.value, candidate.outcome.value, candidate.reason
-                ).inc()
+                key = (decision.outcome.value, candidate.outcome.value, candidate.reason)
+                self._child(m.candidate_disagreements, key).inc()
             parts.append(
                 f',"candidate":{{"outcome":"{candidate.outcome.value}","reason":"{candidate.reason}",'
                 f'"http_status":{candidate.http_status},"policy_version":{_str(version)},'

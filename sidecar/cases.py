@@ -250,4 +250,4 @@ class PresetVerifier(Verifier):
         if t is None:
             why = "the claims' issuer is not one whose tokens this policy verifies"
             raise AuthError(R.UNKNOWN_ISSUER, why)
-        return Verified(dict(claims), t.issuer, t.algorithms[0], t.keys)
+        return Verified(dict(claims), t.issuer, t.algorithms[0], t.keys, t.keys.keyset())

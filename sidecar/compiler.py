@@ -124,9 +124,10 @@ def load_policy_data(
     )
 
 
-def prime(policy: Policy, keys: KeyStore) -> Policy:
-    """Fetch the policy's remote keys that never loaded; their failures become policy warnings."""
-    warnings = keys.prime([(i.id, i.keys) for i in policy.issuers if i.keys is not None])
+def prime(policy: Policy, keys: KeyStore, *, refetch: bool = False) -> Policy:
+    """Fetch the policy's remote keys that never loaded (with `refetch`, on a reload: all of them);
+    their failures become policy warnings."""
+    warnings = keys.prime([(i.id, i.keys) for i in policy.issuers if i.keys is not None], refetch=refetch)
     return replace(policy, warnings=(*policy.warnings, *warnings)) if warnings else policy
 
 

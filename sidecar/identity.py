@@ -17,7 +17,7 @@ from typing import Any
 from sidecar import reasons as R
 from sidecar.assurance import IssuerAcr, level_from_claims
 from sidecar.keys import KeyProvider
-from sidecar.tokens import MAX_TOKEN_BYTES, AuthError, BoundedCache, Trust, Verifier
+from sidecar.tokens import MAX_TOKEN_BYTES, AuthError, BoundedCache, Trust, Verified, Verifier
 
 __all__ = ["MAX_TOKEN_BYTES", "AuthError", "ClaimNames", "Identity", "IdentityMapper", "IssuerConfig"]
 
@@ -97,7 +97,8 @@ class IdentityMapper:
         self._amr_derivation = amr_derivation
         self._skew = skew
         self._max_ttl = memo_max_ttl
-        self._memo: BoundedCache[Identity] = BoundedCache(memo_size)
+        # token -> (identity, its verification, the instant its times were checked at)
+        self._memo: BoundedCache[tuple[Identity, Verified, float]] = BoundedCache(memo_size)
 
     # -- jwt_authn metadata ----------------------------------------------------------------
 
@@ -126,17 +127,24 @@ class IdentityMapper:
 
     def from_bearer(self, token: str, verifier: Verifier, principal: str, now: float) -> Identity:
         """A bearer token: verified (or found verified) by `verifier`, then read by this policy."""
-        ident = self._memo.get(token, now)
-        if ident is not None:
-            verifier.note_hit()
-            return ident if ident.principal == principal else replace(ident, principal=principal)
+        hit = self._memo.get(token, now)
+        if hit is not None:
+            ident, verified, since = hit
+            # Still verified by the keys its issuer serves now (a JWKS refresh that dropped its
+            # key revokes it), and not asked about an earlier instant than the one its times
+            # were checked at (nbf, iat and auth_time hold from then on, not before).
+            if now >= since and verified.current():
+                verifier.note_hit()
+                return ident if ident.principal == principal else replace(ident, principal=principal)
         verified = verifier.verify(token, self.trust, now)
         cfg = self._by_iss[verified.issuer]
         claims = verified.claims
         self._check_audience(cfg, claims)
         exp = self._check_times(claims, now)
         ident = self._identity(cfg, claims, "bearer", principal, now)
-        self._memo.put(token, ident, min(exp + self._skew, now + self._max_ttl), _cost(token, ident))
+        self._memo.put(
+            token, (ident, verified, now), min(exp + self._skew, now + self._max_ttl), _cost(token, ident)
+        )
         return ident
 
     @staticmethod

@@ -52,6 +52,9 @@ class KeyProvider(Protocol):
     def refresh(self) -> bool:
         """Try to fetch new keys (blocking); False when rate-limited, unchanged or failed."""
 
+    def fetched_within(self, seconds: float) -> bool:
+        return self._clock() - self._last_attempt < seconds
+
     def may_refresh(self) -> bool:
         """Whether a refresh would be attempted now (not rate-limited, refreshable at all)."""
 
@@ -167,6 +170,9 @@ class StaticKeys:
 
     def refresh(self) -> bool:
         return False
+
+    def fetched_within(self, seconds: float) -> bool:
+        return self._clock() - self._last_attempt < seconds
 
     def may_refresh(self) -> bool:
         return False
@@ -304,6 +310,9 @@ class _DeadlineReader(io.RawIOBase):
         return self._sock.recv_into(buffer)
 
 
+REFETCH_SKIP = 2.0  # seconds: a reload does not refetch a JWKS fetched this recently
+
+
 class RemoteKeys:
     """A JWKS URL. Fresh keys are cached (cachetools TTL) for `ttl` seconds; past that the last good
     set keeps verifying while a refresh is due. Fetches (periodic or for an unknown `kid`) happen at
@@ -338,18 +347,23 @@ class RemoteKeys:
         self.last_error = ""
 
     def keyset(self) -> KeySet | None:
-        fresh = self._fresh.get("keys")
-        return fresh if fresh is not None else self._last_good
+        """The last good key set (still served once it is no longer fresh). The same object until a
+        fetch brings different keys: tokens verified under an older set are verified again."""
+        return self._last_good
 
     def is_fresh(self) -> bool:
         return self._fresh.get("keys") is not None
 
+    def fetched_within(self, seconds: float) -> bool:
+        return self._clock() - self._last_attempt < seconds
+
     def may_refresh(self) -> bool:
         return self._clock() - self._last_attempt >= self._min_interval
 
-    def refresh(self) -> bool:
+    def refresh(self, *, force: bool = False) -> bool:
+        """Fetch the keys (at most once per `min_interval`, unless `force`: a policy reload)."""
         with self._lock:
-            if not self.may_refresh():
+            if not force and not self.may_refresh():
                 return False
             self._last_attempt = self._clock()
             try:
@@ -369,9 +383,19 @@ class RemoteKeys:
                 return False
             self.last_error = ""
             self.fetches += 1
-            self._fresh["keys"] = jwks.keys
-            self._last_good = jwks.keys
+            keys = jwks.keys
+            if self._last_good is not None and _same_keys(self._last_good, keys):
+                keys = self._last_good  # unchanged: what it verified stays verified
+            self._fresh["keys"] = keys
+            self._last_good = keys
             return True
+
+
+def _same_keys(a: KeySet, b: KeySet) -> bool:
+    def public(ks: KeySet) -> list[str]:
+        return sorted(json.dumps(k.as_dict(private=False), sort_keys=True) for k in ks.keys)
+
+    return public(a) == public(b)
 
 
 class KeyFileError(ValueError):
@@ -432,12 +456,24 @@ class KeyStore:
             self._files[key] = (stamp, provider)
         return provider
 
-    def prime(self, providers: Collection[tuple[str, KeyProvider]]) -> list[str]:
-        """Fetch every remote key set that never loaded (blocking; call from a worker thread).
+    def prime(self, providers: Collection[tuple[str, KeyProvider]], *, refetch: bool = False) -> list[str]:
+        """Fetch every remote key set that never loaded (blocking; call from a worker thread), and
+        with `refetch` (a policy reload) every one, so a reload picks up keys the IdP removed.
         `providers`: (issuer id, provider) pairs. Returns one warning per failure."""
         warnings = []
         for issuer_id, provider in providers:
-            if isinstance(provider, RemoteKeys) and provider.keyset() is None and not provider.refresh():
+            if not isinstance(provider, RemoteKeys):
+                continue
+            if refetch and provider.keyset() is not None:
+                if provider.fetched_within(REFETCH_SKIP):
+                    continue  # fetched a moment ago (by this very load): fresh enough
+                if not provider.refresh(force=True):
+                    warnings.append(
+                        f"issuer {issuer_id!r}: JWKS {provider.url} could not be refetched"
+                        f" ({provider.last_error}); its last good keys keep verifying"
+                    )
+                continue
+            if provider.keyset() is None and not provider.refresh():
                 warnings.append(
                     f"issuer {issuer_id!r}: JWKS {provider.url} could not be fetched"
                     f" ({provider.last_error or 'rate-limited'}); its tokens are refused until it can be"

@@ -311,7 +311,11 @@ class PolicyWatcher:
             return True
         try:
             policy = await loop.run_in_executor(None, self.loader, self.path)
-            policy = await loop.run_in_executor(None, prime, policy, self.runtime.keys)
+            # A reload refetches every JWKS it names: an operator's way to make keys the IdP
+            # removed stop verifying at once (an unchanged set keeps its tokens verified).
+            policy = await loop.run_in_executor(
+                None, functools.partial(prime, policy, self.runtime.keys, refetch=True)
+            )
         except PolicyError as e:
             self._stamp = stamp
             self.last_error = str(e)

@@ -66,6 +66,12 @@ class Verified:
     issuer: str
     alg: str
     keys: KeyProvider
+    keyset: Any  # the provider's key set that verified it: a refresh that changes it revokes this
+
+    def current(self) -> bool:
+        """Whether the key set that verified this token is still the one its provider serves (a
+        JWKS refresh that dropped or changed keys makes every earlier verification stale)."""
+        return self.keys.keyset() is self.keyset
 
 
 class BoundedCache(Generic[V]):
@@ -133,7 +139,7 @@ class Verifier:
         hit = self._cache.get(token, now)
         if hit is not None:
             t = trusted.get(hit.issuer)
-            if t is not None and t.keys is hit.keys and hit.alg in t.algorithms:
+            if t is not None and t.keys is hit.keys and hit.alg in t.algorithms and hit.current():
                 return hit
         return None
 
@@ -184,7 +190,7 @@ class Verifier:
             raise AuthError(R.MALFORMED_TOKEN, "the token's payload is not a JSON object")
         if claims.get("iss") != t.issuer:
             raise AuthError(R.UNKNOWN_ISSUER, "the token's issuer is not trusted")
-        verified = Verified(claims, t.issuer, alg, t.keys)
+        verified = Verified(claims, t.issuer, alg, t.keys, keyset)
         # Remembered for max_ttl at most (the claims' times are checked on every use, by the
         # policy, with its own skew).
         self._cache.put(token, verified, now + self._max_ttl, 3 * len(token) + 1024)

@@ -242,3 +242,77 @@ def test_jwks_fetches_and_failures_are_counted_by_issuer(tmp_path: Path) -> None
         {"role": "active", "name": "bank-demo", "version": policy.version, "hash": policy.version.split("@")[1]},
     )
     assert info == 1
+
+
+def _runtime_with_url(tmp_path: Path, idp: FakeIdP) -> tuple[Runtime, Path]:
+    from sidecar.keys import KeyStore
+
+    text = EXAMPLE_POLICY.read_text().replace("jwks_file: keys/dev-jwks.json", f"jwks_uri: {URL}")
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    keys = KeyStore(idp)
+    policy = load_policy(path, keys=keys)
+    return Runtime(policy, Telemetry(None, decision_log=None, metrics=Metrics()), FixedClock(NOW), keys=keys), path
+
+
+def _reason(runtime: Runtime, token: str) -> str:
+    return asyncio.run(runtime.evaluate(check_request(BALANCE, token=token))).decision.reason
+
+
+def test_a_key_the_idp_removed_stops_verifying_tokens_it_verified_before(tmp_path: Path) -> None:
+    idp = FakeIdP(_public(PRIVATE_JWK))
+    runtime, _ = _runtime_with_url(tmp_path, idp)
+    token = make_token()
+    assert _reason(runtime, token) == "allowed"
+    assert _reason(runtime, token) == "allowed"  # (now in the policy's memo and the verified cache)
+    remote = runtime.policy.issuers[0].keys
+    assert isinstance(remote, RemoteKeys)
+    idp.keys = [_public(ROTATED.as_dict(private=False))]  # the IdP drops the key
+    remote._last_attempt = float("-inf")
+    assert remote.refresh() is True
+    assert _reason(runtime, token) == "unknown_key"
+    assert _reason(runtime, make_token(sub="bob")) == "unknown_key"
+
+
+def test_a_refetch_that_brings_the_same_keys_keeps_tokens_verified(tmp_path: Path) -> None:
+    idp = FakeIdP(_public(PRIVATE_JWK))
+    runtime, _ = _runtime_with_url(tmp_path, idp)
+    token = make_token()
+    assert _reason(runtime, token) == "allowed"
+    before = runtime.verifier.verifications
+    remote = runtime.policy.issuers[0].keys
+    assert isinstance(remote, RemoteKeys)
+    assert remote.refresh(force=True) is True and idp.fetches == 2
+    assert _reason(runtime, token) == "allowed"
+    assert runtime.verifier.verifications == before  # no signature checked again
+
+
+def test_a_reload_refetches_the_jwks_so_a_removed_key_stops_verifying_at_once(tmp_path: Path) -> None:
+    idp = FakeIdP(_public(PRIVATE_JWK))
+    runtime, path = _runtime_with_url(tmp_path, idp)
+    seen = make_token()
+    assert _reason(runtime, seen) == "allowed"
+    idp.keys = [_public(ROTATED.as_dict(private=False))]  # compromised key removed at the IdP
+    watcher = PolicyWatcher(path, runtime, 0)
+    remote = runtime.policy.issuers[0].keys
+    assert isinstance(remote, RemoteKeys)
+    remote._last_attempt -= 60  # a while later (a reload skips a JWKS fetched just now)
+
+    async def reload() -> bool:
+        return await watcher.reload()
+
+    fetches = idp.fetches
+    assert asyncio.run(reload()) is True
+    assert idp.fetches == fetches + 1  # refetched although the provider was reused
+    assert _reason(runtime, seen) == "unknown_key"
+    assert _reason(runtime, make_token(sub="mallory")) == "unknown_key"  # never seen before
+
+
+def test_the_identity_memo_never_answers_for_an_earlier_instant(tmp_path: Path) -> None:
+    """(`stepup-sidecar test` runs cases at any `at`; a clock may step back.)"""
+    idp = FakeIdP(_public(PRIVATE_JWK))
+    runtime, _ = _runtime_with_url(tmp_path, idp)
+    token = make_token(nbf=NOW - 5)
+    assert _reason(runtime, token) == "allowed"
+    runtime.clock = FixedClock(NOW - 3600)  # type: ignore[assignment]
+    assert _reason(runtime, token) != "allowed"

@@ -103,7 +103,9 @@ def test_changed_keys_mean_the_token_is_verified_again(tmp_path: Path) -> None:
     assert runtime.verifier.verifications == 2  # checked again under the new key set, refused
 
 
-def test_a_reload_does_not_refetch_an_unchanged_jwks_url(tmp_path: Path) -> None:
+def test_a_reload_refetches_an_unchanged_jwks_url_and_keeps_its_tokens_verified(tmp_path: Path) -> None:
+    """A reload refetches every JWKS (so keys the IdP removed stop verifying at once); when the
+    keys are the same, the provider and what it verified stay."""
     idp = FakeIdP(_public(PRIVATE_JWK))
     path = tmp_path / "policy.yaml"
     _write(path, jwks=f"jwks_uri: {URL}")
@@ -112,17 +114,19 @@ def test_a_reload_does_not_refetch_an_unchanged_jwks_url(tmp_path: Path) -> None
     assert idp.fetches == 1
     assert _check(runtime, make_token()) == "allowed"
     remote = runtime.policy.issuers[0].keys
+    assert isinstance(remote, RemoteKeys)
+    remote._last_attempt -= 60  # a while later (a reload skips a JWKS fetched just now)
     _write(path, jwks=f"jwks_uri: {URL}", transfer_level="critical")
     watcher = PolicyWatcher(path, runtime, interval=1, loader=_in_process_loader(keys))
     assert asyncio.run(watcher.reload()) is True
     assert runtime.policy.issuers[0].keys is remote  # the same provider, keys and all
-    assert idp.fetches == 1
+    assert idp.fetches == 2
     assert _check(runtime, make_token()) == "allowed"
     assert runtime.verifier.verifications == 1
     # A URL the new policy names for the first time is fetched once, before it serves.
     _write(path, jwks=f"jwks_uri: {URL}?v=2")
     assert asyncio.run(watcher.reload()) is True
-    assert idp.fetches == 2 and isinstance(runtime.policy.issuers[0].keys, RemoteKeys)
+    assert idp.fetches == 3 and isinstance(runtime.policy.issuers[0].keys, RemoteKeys)
     assert runtime.policy.issuers[0].keys is not remote
 
 

@@ -52,9 +52,6 @@ class KeyProvider(Protocol):
     def refresh(self) -> bool:
         """Try to fetch new keys (blocking); False when rate-limited, unchanged or failed."""
 
-    def fetched_within(self, seconds: float) -> bool:
-        return self._clock() - self._last_attempt < seconds
-
     def may_refresh(self) -> bool:
         """Whether a refresh would be attempted now (not rate-limited, refreshable at all)."""
 
@@ -170,9 +167,6 @@ class StaticKeys:
 
     def refresh(self) -> bool:
         return False
-
-    def fetched_within(self, seconds: float) -> bool:
-        return self._clock() - self._last_attempt < seconds
 
     def may_refresh(self) -> bool:
         return False

@@ -103,6 +103,12 @@ def release_free_memory() -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    # A SIGHUP before the reload handler is installed would end the process: the policy is read
+    # from scratch now anyway, so one asked for meanwhile is moot.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from sidecar.workers import die_with_parent
+
+    die_with_parent()
     configure_logging(args.log_level)
     if not args.policy:
         print("stepup-sidecar serve: --policy (or STEPUP_POLICY) is required", file=sys.stderr)

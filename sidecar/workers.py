@@ -27,6 +27,24 @@ from typing import Any
 log = logging.getLogger("stepup.workers")
 
 WORKER_ENV = "STEPUP_WORKER_INDEX"
+SUPERVISOR_ENV = "STEPUP_SUPERVISOR_PID"
+STABLE = 60.0  # seconds a restarted worker must stay up before its back-off starts over
+
+
+def die_with_parent() -> None:
+    """In a worker: SIGTERM this process when its supervisor dies (even by SIGKILL), so no worker
+    serves unsupervised (Linux; elsewhere nothing is done)."""
+    if WORKER_ENV not in os.environ:
+        return
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):  # pragma: no cover (not Linux/glibc)
+        return
+    if str(os.getppid()) != os.environ.get(SUPERVISOR_ENV):  # it died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def worker_argv(args: argparse.Namespace, index: int, port: int, host: str) -> list[str]:
@@ -59,6 +77,17 @@ def supervise(args: argparse.Namespace) -> int:
         print("stepup-sidecar serve: --workers needs a fixed --listen port (worker i listens on port + i)",
               file=sys.stderr)  # fmt: skip
         return 2
+    last = base + args.workers - 1
+    if last > 65535:
+        print(f"stepup-sidecar serve: {args.workers} workers from port {base} need ports up to {last}"
+              " (above 65535)", file=sys.stderr)  # fmt: skip
+        return 2
+    for flag, address in (("--health-listen", args.health_listen), ("--metrics-listen", args.metrics_listen)):
+        port = address.rpartition(":")[2]
+        if port.isdigit() and base <= int(port) <= last:
+            print(f"stepup-sidecar serve: {flag} {address} is one of the workers' ports ({base}-{last})",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     metrics_dir = tempfile.mkdtemp(prefix="stepup-metrics-")
     try:
         try:
@@ -79,10 +108,12 @@ class _Worker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self.started = 0.0
+        self.restart_at: float | None = None
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv, env=self.env)
         self.started = time.monotonic()
+        self.restart_at = None
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -92,7 +123,7 @@ class _Worker:
 async def _supervise(args: argparse.Namespace, host: str, base: int, metrics_dir: str) -> int:
     from grpc_health.v1 import health_pb2
 
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, SUPERVISOR_ENV: str(os.getpid())}
     workers = []
     for i in range(args.workers):
         w = _Worker(i, worker_argv(args, i, base + i, host), {**env, WORKER_ENV: str(i)})
@@ -128,6 +159,8 @@ async def _supervise(args: argparse.Namespace, host: str, base: int, metrics_dir
         health_server = build_health_server(health_servicer)
         if not health_server.add_insecure_port(args.health_listen):
             log.error("cannot listen on %s", args.health_listen)
+            for w in workers:
+                w.signal(signal.SIGTERM)
             return 1
         await health_server.start()
 
@@ -147,32 +180,53 @@ async def _supervise(args: argparse.Namespace, host: str, base: int, metrics_dir
     loop.add_signal_handler(signal.SIGHUP, on_hup)
 
     async def watch() -> None:
-        """Restart a worker that died (backing off), and keep the aggregate health current."""
+        """Restart a worker that died (backing off, without holding up anything else), and keep
+        the aggregate health current: SERVING only while every worker is alive and SERVING."""
         addresses = [f"{host}:{base + w.index}" for w in workers]
         while not stop.is_set():
-            for w in workers:
-                assert w.proc is not None
-                if w.proc.poll() is not None and not stop.is_set():
-                    _forget(w.proc.pid, metrics_dir)
-                    delay = min(30.0, 0.5 * 2 ** min(w.restarts, 6))
-                    log.error(
-                        "worker %d exited with %s; restarting in %.1fs", w.index, w.proc.returncode, delay
-                    )
-                    w.restarts += 1
-                    await asyncio.sleep(delay)
-                    if not stop.is_set():
+            try:
+                now = time.monotonic()
+                dead = False
+                for w in workers:
+                    assert w.proc is not None
+                    if w.proc.poll() is None:
+                        if w.restarts and now - w.started > STABLE:
+                            w.restarts = 0  # up long enough: the next crash starts the back-off over
+                        continue
+                    dead = True
+                    if w.restart_at is None:
+                        _forget(w.proc.pid, metrics_dir)
+                        delay = min(30.0, 0.5 * 2 ** min(w.restarts, 6))
+                        log.error(
+                            "worker %d exited with %s; restarting in %.1fs", w.index, w.proc.returncode, delay
+                        )
+                        w.restarts += 1
+                        w.restart_at = now + delay
+                    elif now >= w.restart_at:
                         w.start()
-            liveness.beat()
-            if health_servicer is not None or args.metrics_listen:
-                states = await asyncio.gather(*(_health(a) for a in addresses))
-                serving = all(s == health_pb2.HealthCheckResponse.SERVING for s in states)
-                liveness.ready = serving and not stop.is_set()
+                serving = False
+                if not dead:
+                    states = await asyncio.gather(*(_health(a) for a in addresses))
+                    serving = all(st == health_pb2.HealthCheckResponse.SERVING for st in states)
+                if stop.is_set():
+                    break  # draining: the stop path owns health now
+                liveness.ready = serving
                 if health_servicer is not None:
                     await _set(health_servicer, serving)
+                liveness.beat()
+            except Exception as e:  # e.g. a restart failing for memory: log it, keep supervising
+                log.error("supervising workers failed: %s: %s", type(e).__name__, e)
+                liveness.ready = False
+                if health_servicer is not None and not stop.is_set():
+                    try:
+                        await _set(health_servicer, False)
+                    except Exception:  # noqa: S110 (health could not even be set: try next round)
+                        pass
             await asyncio.sleep(0.5)
 
     watcher = asyncio.ensure_future(watch())
     await stop.wait()
+    watcher.cancel()
     liveness.ready = False
     if health_servicer is not None:
         await _set(health_servicer, False)

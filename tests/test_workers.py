@@ -143,3 +143,91 @@ def test_workers_must_be_positive(tmp_path: Path, workers: str) -> None:
         capture_output=True, text=True, timeout=30,
     )
     assert proc.returncode == 2 and "--workers" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--listen", "127.0.0.1:65535", "--workers", "2"], "need ports up to 65536 (above 65535)"),
+        (["--listen", "127.0.0.1:19000", "--workers", "3", "--health-listen", "127.0.0.1:19002"],
+         "--health-listen 127.0.0.1:19002 is one of the workers' ports (19000-19002)"),
+        (["--listen", "127.0.0.1:19000", "--workers", "2", "--metrics-listen", "127.0.0.1:19001"],
+         "--metrics-listen 127.0.0.1:19001 is one of the workers' ports (19000-19001)"),
+    ],
+)
+def test_workers_ports_must_not_collide(tmp_path: Path, extra: list[str], message: str) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(example_policy_text())
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--policy", str(policy), *extra],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def _sighup_handled(pid: int) -> bool:
+    """Whether SIGHUP is ignored or caught by the process (from /proc), i.e. it no longer kills it."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    masks = {k: int(v, 16) for k, v in (line.split(":\t") for line in status.splitlines() if line[:6] in ("SigIgn", "SigCgt"))}
+    return any(m & (1 << (signal.SIGHUP - 1)) for m in masks.values())
+
+
+def test_sighup_while_starting_does_not_end_serve(tmp_path: Path) -> None:
+    """An operator's (or a ConfigMap tool's) SIGHUP that arrives while the policy is still loading
+    must not kill the process: from the moment serve() runs, SIGHUP is ignored until the reload
+    handler takes over."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(example_policy_text())
+    port = _free_block(1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve", "--policy", str(policy), "--listen", f"127.0.0.1:{port}",
+         "--watch-interval", "0", "--drain-delay", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not _sighup_handled(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGHUP)
+        wait_serving(f"127.0.0.1:{port}")
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_end_with_a_killed_supervisor(tmp_path: Path) -> None:
+    """SIGKILL of the supervisor (an OOM kill, say) must not leave workers serving unsupervised."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(example_policy_text())
+    base, health = _free_block(2), _free_block(1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve", "--policy", str(policy), "--listen", f"127.0.0.1:{base}",
+         "--workers", "2", "--health-listen", f"127.0.0.1:{health}", "--watch-interval", "0", "--drain-delay", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        for port in (base, base + 1):
+            wait_serving(f"127.0.0.1:{port}")
+        pids = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+        assert len(pids) == 2
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    deadline = time.monotonic() + 20
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if _running(p)]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived their supervisor"

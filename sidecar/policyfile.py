@@ -58,11 +58,17 @@ def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
 
 _SCHEMA = schema()
 _INLINED = _inline_refs(_SCHEMA, _SCHEMA["$defs"])
-_VALIDATOR = jsonschema.Draft202012Validator(_INLINED)
-_SENS_RULE = jsonschema.Draft202012Validator(
-    _INLINED["properties"]["sensitivity"]["properties"]["rules"]["items"]
+# JSON Schema counts 1.0 as an integer; the compiler (and a reader) does not: `max_age: 3600.0`
+# or `raise: 1.0` is refused at its place instead of failing later without one.
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, v: isinstance(v, int) and not isinstance(v, bool)
+    ),
 )
-_PERM_RULE = jsonschema.Draft202012Validator(_INLINED["properties"]["permissions"]["items"])
+_VALIDATOR = _Validator(_INLINED)
+_SENS_RULE = _Validator(_INLINED["properties"]["sensitivity"]["properties"]["rules"]["items"])
+_PERM_RULE = _Validator(_INLINED["properties"]["permissions"]["items"])
 
 
 def _where(path: PathT) -> str:

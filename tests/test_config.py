@@ -124,6 +124,19 @@ def test_example_policy_validates_against_the_published_schema() -> None:
             "issuers[0].jwks_uri: a JWKS URL must use https",
         ),
         ("version: 1", "version: 2", "p.yaml:1:10: version: 1 was expected"),
+        # Integer-valued floats: JSON Schema calls them integers, the compiler crashed on them.
+        (
+            "max_age: 1h",
+            "max_age: 3600.0",
+            "p.yaml:16:42: sensitivity.levels.high.max_age: 3600.0 is not a duration",
+        ),
+        ("  levels: [aal1, aal2]\n", "  levels: [aal1, aal2]\n  clock_skew: 60.0\n", "assurance.clock_skew: 60.0 is"),
+        (
+            "permissions:",
+            "risk:\n  - {id: r, when: {source_not_in: [10.0.0.0/8]}, raise: 1.0}\n"
+            "permissions:",
+            "raise: 1.0 is not of type 'integer'",
+        ),
         ("realm: test", "realm: 'te\"st'", "realm: 'te\"st' does not have the expected form"),
     ],
 )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -85,8 +86,19 @@ class BuiltRequest:
     is_grpc: bool = False
 
 
+_EPOCH = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
+_LATEST = 253402300799.0  # 9999-12-31T23:59:59Z: later instants have no date to show
+
+
 def parse_time(value: Any, where: str) -> float:
+    """An instant from ISO 8601 (naive means UTC) or epoch seconds (a number, or digits as text,
+    as from --at), between 1970 and 9999."""
+    bad = CaseError(f"{where}: {value!r} is not a time (ISO 8601 or epoch seconds, 1970 to 9999)")
+    if isinstance(value, str) and _EPOCH.fullmatch(value.strip()):
+        value = float(value)
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if not 0 <= value <= _LATEST:  # also NaN, infinities
+            raise bad
         return float(value)
     if isinstance(value, dt.datetime):
         when = value
@@ -94,12 +106,18 @@ def parse_time(value: Any, where: str) -> float:
         try:
             when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            raise CaseError(f"{where}: {value!r} is not a time (ISO 8601 or epoch seconds)") from None
+            raise bad from None
     else:
-        raise CaseError(f"{where}: {value!r} is not a time (ISO 8601 or epoch seconds)")
+        raise bad
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
-    return when.timestamp()
+    try:
+        stamp = when.timestamp()
+    except (OverflowError, ValueError, OSError):
+        raise bad from None
+    if not 0 <= stamp <= _LATEST:
+        raise bad
+    return stamp
 
 
 def build_request(
@@ -223,9 +241,16 @@ def _claims(raw: Mapping[str, Any], policy: Policy, at: float, where: str) -> di
     out.setdefault("iat", int(at))
     out.setdefault("exp", int(at) + 3600)
     if "auth_age" in raw:
+        age_v = raw["auth_age"]
+        if isinstance(age_v, str) and age_v.strip().isdigit():  # plain seconds, as from --auth-age
+            age_v = int(age_v)
         try:
-            age = parse_duration(raw["auth_age"])
-        except (ValueError, KeyError, TypeError):
+            if isinstance(age_v, bool):
+                raise ValueError
+            age = parse_duration(age_v)
+            if age < 0:
+                raise ValueError
+        except (ValueError, KeyError, TypeError, IndexError):
             raise CaseError(
                 f"{where}.auth_age: {raw['auth_age']!r} is not a duration (e.g. 90, 90s, 15m)"
             ) from None

@@ -347,6 +347,9 @@ def _explain(args: argparse.Namespace) -> int:
         except (OSError, yaml.YAMLError) as e:
             print(f"stepup-sidecar explain: {args.request}: {e}", file=sys.stderr)
             return 2
+        except UnicodeDecodeError as e:
+            print(f"stepup-sidecar explain: {args.request}: not UTF-8 text (byte {e.start})", file=sys.stderr)
+            return 2
         desc = dict(loaded.get("request", loaded)) if isinstance(loaded, dict) else {}
     for flag, key in (
         ("http", "http"),

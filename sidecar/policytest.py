@@ -86,11 +86,42 @@ class Result:
     presets: dict[str, Any] = field(default_factory=dict)  # its placeholder token -> claims
 
 
+def _words(v: Any) -> bool:
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+
+def _expect_problem(expect: Mapping[str, Any]) -> str | None:
+    """What is wrong with an `expect` mapping's values (None: nothing), so that a case that could
+    never be compared is refused up front rather than failing (or crashing) while compared."""
+    for key in ("outcome", "reason", "error"):
+        if key in expect and not isinstance(expect[key], str | None):
+            return f"{key}: {expect[key]!r} is not a string"
+    for key in ("status", "max_age"):
+        v = expect.get(key)
+        if key in expect and v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            return f"{key}: {v!r} is not an integer"
+    for key in ("acr_values", "scope"):
+        if key in expect and expect[key] is not None and not _words(expect[key]):
+            return f"{key}: {expect[key]!r} is not a list of strings (or one space-separated string)"
+    upstream = expect.get("upstream")
+    if upstream is not None and not isinstance(upstream, dict):
+        return f"upstream: {upstream!r} is not a mapping of header -> value (null: absent)"
+    for name, value in (upstream or {}).items():
+        if not isinstance(value, str | int | float | bool | None):
+            return f"upstream.{name}: {value!r} is not a header value"
+    rules = expect.get("rules")
+    if rules is not None and not (isinstance(rules, list) and all(isinstance(r, str) for r in rules)):
+        return f"rules: {rules!r} is not a list of rule ids"
+    return None
+
+
 def load_suite(path: Path) -> Suite:
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise SuiteError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SuiteError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise SuiteError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("cases"), list):
@@ -116,6 +147,9 @@ def load_suite(path: Path) -> Suite:
                     else ""
                 )
             )
+        problem = _expect_problem(expect)
+        if problem:
+            raise SuiteError(f"{where}.expect.{problem}")
         cases.append(
             Case(str(raw.get("name", f"case {i}")), str(path), f"cases[{i}]", raw["request"], expect)
         )
@@ -284,6 +318,15 @@ def report_json(results: list[Result], uncovered: dict[str, list[str]] | None) -
     return json.dumps(doc, indent=2)
 
 
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml_text(v: str) -> str:
+    """Text XML 1.0 can carry: a character it cannot (a control character in a case name, say)
+    shown as its escape, so the report stays well-formed for every CI that reads it."""
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}", v)
+
+
 def report_junit(results: list[Result]) -> str:
     suites = ET.Element("testsuites")
     by_file: dict[str, list[Result]] = {}
@@ -294,17 +337,20 @@ def report_junit(results: list[Result]) -> str:
         suite = ET.SubElement(
             suites,
             "testsuite",
-            name=file,
+            name=_xml_text(file),
             tests=str(len(rs)),
             failures=str(failures),
             errors="0",
             time=f"{sum(r.seconds for r in rs):.3f}",
         )
         for r in rs:
-            tc = ET.SubElement(suite, "testcase", classname=file, name=r.case.name, time=f"{r.seconds:.3f}")
+            tc = ET.SubElement(
+                suite, "testcase", classname=_xml_text(file), name=_xml_text(r.case.name),
+                time=f"{r.seconds:.3f}",
+            )  # fmt: skip
             if not r.passed:
-                failure = ET.SubElement(tc, "failure", message=r.diffs[0] if r.diffs else "failed")
-                failure.text = "\n".join(r.diffs)
+                failure = ET.SubElement(tc, "failure", message=_xml_text(r.diffs[0] if r.diffs else "failed"))
+                failure.text = _xml_text("\n".join(r.diffs))
     return ET.tostring(suites, encoding="unicode")
 
 

@@ -161,6 +161,21 @@ cases:
         ("policy: p.yaml\ncases: [{name: x, request: {grpc: /a/B}, expect: {outcom: allow}}]", "cases[0].expect"),
         ("policy: p.yaml\ncases: [{name: x, request: {grpcc: /a/B}}]", "unknown key(s) grpcc"),
         ("cases: [{name: x, request: {grpc: /a/B}}]", "no `policy:` in the file and no --policy given"),
+        # Found by the red team: each of these was a traceback.
+        ("policy: p.yaml\ncases: [{name: x, request: {grpc: /a/B, at: .nan}}]", "cases[0].request.at: nan is not a time"),
+        ("policy: p.yaml\ncases: [{name: x, request: {grpc: /a/B, at: .inf}}]", "cases[0].request.at: inf is not a time"),
+        ("policy: p.yaml\ncases: [{name: x, request: {grpc: /a/B, at: 1e300}}]", "is not a time"),
+        ("policy: p.yaml\ncases: [{name: x, request: {grpc: /a/B, claims: {sub: a}, auth_age: -5s}}]", "auth_age: '-5s' is not a duration"),
+        ("policy: p.yaml\ncases: [{name: x, request: {grpc: /a/B}, expect: {upstream: [a]}}]",
+         "cases[0].expect.upstream: ['a'] is not a mapping"),
+        ("policy: p.yaml\ncases: [{name: x, request: {grpc: /a/B}, expect: {rules: 5}}]",
+         "cases[0].expect.rules: 5 is not a list of rule ids"),
+        ("policy: p.yaml\ncases: [{name: x, request: {grpc: /a/B}, expect: {status: '403'}}]",
+         "cases[0].expect.status: '403' is not an integer"),
+        ("policy: p.yaml\ncases: [{name: x, request: {grpc: /a/B}, expect: {acr_values: {a: 1}}}]",
+         "cases[0].expect.acr_values: {'a': 1} is not a list of strings"),
+        ("policy: p.yaml\ncases: [{name: x, request: {grpc: /a/B}, expect: {upstream: {x-a: [1]}}}]",
+         "cases[0].expect.upstream.x-a: [1] is not a header value"),
     ],
 )
 def test_an_unusable_test_file_is_exit_2_with_the_place(tmp_path: Path, text: str, message: str) -> None:
@@ -172,6 +187,30 @@ def test_an_unusable_test_file_is_exit_2_with_the_place(tmp_path: Path, text: st
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
+def test_a_test_file_that_is_not_utf8_is_exit_2(tmp_path: Path) -> None:
+    suite = tmp_path / "t.yaml"
+    suite.write_bytes(b"cases: []\nname: \xff\xfe\n")
+    proc = cli("test", "--policy", str(EXAMPLE_POLICY), str(suite))
+    assert proc.returncode == 2 and "t.yaml: not UTF-8 text (byte 16)" in proc.stderr, proc.stderr
+    proc = cli("explain", "--policy", str(EXAMPLE_POLICY), "--request", str(suite))
+    assert proc.returncode == 2 and "t.yaml: not UTF-8 text (byte 16)" in proc.stderr, proc.stderr
+
+
+def test_junit_stays_well_formed_with_control_characters_in_a_name(tmp_path: Path) -> None:
+    suite = write(
+        tmp_path / "t.yaml",
+        f"policy: {EXAMPLE_POLICY}\ncases:\n"
+        '  - name: "bell\\a and escape\\e"\n'
+        "    request: {grpc: /bank.v1.Accounts/GetBalance}\n"
+        "    expect: {outcome: allow}\n",
+    )
+    proc = cli("test", "--format", "junit", str(suite))
+    assert proc.returncode == 1, proc.stderr
+    case = ET.fromstring(proc.stdout).find("./testsuite/testcase")
+    assert case is not None and case.get("name") == "bell\\x07 and escape\\x1b"
+    assert case.find("failure") is not None
+
+
 # --- explain ---------------------------------------------------------------------------------------
 
 
@@ -180,6 +219,17 @@ def explain(*args: str) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stderr
     out: dict[str, Any] = json.loads(proc.stdout)
     return out
+
+
+def test_explain_takes_epoch_seconds_and_plain_seconds_of_auth_age() -> None:
+    w = explain(
+        "--http", "POST /v1/transfers", "--claim", "sub=alice", "--claim", 'roles=["teller"]',
+        "--claim", "scope=payments", "--claim", "acr=phrh", "--at", "1796212800", "--auth-age", "90",
+    )
+    assert w["identity"]["auth_age_seconds"] == 90
+    assert w["answer"]["outcome"] == "allow", w["answer"]
+    proc = cli("explain", "--policy", str(EXAMPLE_POLICY), "--grpc", "/a/B", "--at", "nan")
+    assert proc.returncode == 2 and "request.at: 'nan' is not a time" in proc.stderr, proc.stderr
 
 
 def test_explain_a_permission_denial_names_the_missing_kinds() -> None:

@@ -60,7 +60,7 @@ _SCHEMA = schema()
 _INLINED = _inline_refs(_SCHEMA, _SCHEMA["$defs"])
 # JSON Schema counts 1.0 as an integer; the compiler (and a reader) does not: `max_age: 3600.0`
 # or `raise: 1.0` is refused at its place instead of failing later without one.
-_Validator = jsonschema.validators.extend(
+_Validator = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
     jsonschema.Draft202012Validator,
     type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
         "integer", lambda _checker, v: isinstance(v, int) and not isinstance(v, bool)

@@ -128,7 +128,10 @@ def serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         from sidecar.workers import supervise
 
-        return supervise(args)  # the workers load the policy themselves; it was checked here
+        del policy  # the workers load the policy themselves; it was checked here
+        gc.enable()  # the supervisor runs for as long as they do (red-team F3)
+        release_free_memory()
+        return supervise(args)
     from sidecar.isolated import settle
 
     settle(policy)  # the policy's objects stay out of every garbage collection from now on

@@ -330,7 +330,7 @@ class PolicyWatcher:
             return False
         self._install(policy)
         self._stamp = stamp
-        settle(policy)
+        settle(policy, collect=True)
         self.runtime.keys.retain(self.runtime.key_providers())
         if replaced is not None:
             loop.run_in_executor(None, retire, [replaced])

@@ -167,6 +167,43 @@ def test_a_compiled_policy_holds_no_reference_cycle() -> None:
     assert cyclic == []
 
 
+def test_cyclic_garbage_made_while_a_reload_compiles_is_freed_not_frozen(tmp_path: Path) -> None:
+    """The Checks served during a reload leave cyclic garbage (grpc aio: five objects per call).
+    The reload keeps automatic collections off and freezes the new policy out of the GC's reach;
+    it must not freeze that garbage with it (a leak on every reload: red-team F4)."""
+    import weakref
+
+    from bench.decide import generated_policy
+
+    class Node:
+        me: object
+
+    path = generated_policy(3000, tmp_path)
+    refs: list[weakref.ref[Node]] = []
+    done = threading.Event()
+
+    def checks_meanwhile() -> None:
+        while not done.is_set():
+            n = Node()
+            n.me = n  # a cycle: only the cyclic GC can free it
+            refs.append(weakref.ref(n))
+            del n
+            time.sleep(0.0005)
+
+    maker = threading.Thread(target=checks_meanwhile)
+    gc.collect()
+    maker.start()
+    try:
+        load_isolated(path)
+    finally:
+        done.set()
+        maker.join()
+    gc.collect()  # walks everything not frozen: frozen garbage would survive it
+    assert len(refs) > 100
+    alive = sum(1 for r in refs if r() is not None)
+    assert alive == 0, f"{alive} of {len(refs)} cyclic garbage objects were frozen by the reload"
+
+
 def test_a_replaced_policy_is_dismantled_only_when_nothing_uses_it(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(text_with_transfer("high"))

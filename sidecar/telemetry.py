@@ -568,6 +568,21 @@ class Telemetry:
 
 _str = json.encoder.encode_basestring_ascii  # C: "..." with escapes
 
+LINE_LIMIT = 4096  # LineWriter.CHUNK: a longer line could tear between workers sharing a pipe
+FIELD_CHARS = 256  # a string from a token, a peer or a request is cut after this many characters
+
+
+def _cap(s: str) -> str:
+    """`_str(s)`, cut (marked with a trailing "…") so that it takes at most 512 bytes escaped: a
+    subject, principal or method is the caller's or a peer's to choose, and a long one must not
+    make the line longer than a pipe writes at once (red-team F7)."""
+    if len(s) <= FIELD_CHARS:
+        e = _str(s)
+        if len(e) <= 512:
+            return e
+    e = _str(s[:FIELD_CHARS] + "…")
+    return e if len(e) <= 512 else _str(s[:40] + "…")  # \ud83d\ude00 is 12 bytes a character
+
 
 def decision_line(
     end_ns: int,
@@ -585,23 +600,39 @@ def decision_line(
     (it is written for every Check). Strings from a token or a peer are escaped; the others are
     policy ids, codes and hex that need no escaping, but go through the same escaper anyway where
     a policy author could have chosen them."""
-    rules = ",".join(_str(r) for r in f["rules"])
-    risk = ",".join(_str(r) for r in f["risk_rules"])
+    return _decision_line(end_ns, trace_id, span_id, f, method, grpc, duration, explain, error, beside, 0)
+
+
+def _decision_line(
+    end_ns: int, trace_id: str, span_id: str, f: dict[str, Any], method: str, grpc: bool, duration: float,
+    explain: bool, error: str, beside: str, cut: int,
+) -> str:  # fmt: skip
+    """`cut` 0: the whole line; 1: without `beside`; 2: also only the first eight rule ids of each
+    list (ids are at most 64 characters, so the line is then short enough)."""
+    rules = ",".join(_str(r) for r in (f["rules"][:8] if cut == 2 else f["rules"]))
+    risk = ",".join(_str(r) for r in (f["risk_rules"][:8] if cut == 2 else f["risk_rules"]))
     extra = ',"explain":true' if explain else ""
     if error:
-        extra += ',"error":' + _str(error)
-    extra += beside
-    return (
+        extra += ',"error":' + _cap(error)
+    line = (
         f'{{"ts":{round(end_ns / 1e9, 6)},"event":"decision","trace_id":"{trace_id}","span_id":"{span_id}",'
         f'"decision_id":"{f["decision_id"]}","outcome":"{f["outcome"]}","reason":"{f["reason"]}",'
         f'"http_status":{f["http_status"]},"rules":[{rules}],"sensitivity":{_str(f["sensitivity"])},'
         f'"required_assurance":{_str(f["required_assurance"])},"required_max_age":{f["required_max_age"]},'
         f'"risk_rules":[{risk}],"presented_assurance":{_str(f["presented_assurance"])},'
-        f'"subject":{_str(f["subject"])},"issuer":{_str(f["issuer"])},"principal":{_str(f["principal"])},'
+        f'"subject":{_cap(f["subject"])},"issuer":{_cap(f["issuer"])},"principal":{_cap(f["principal"])},'
         f'"credential":"{f["credential"]}","policy_version":{_str(f["policy_version"])},'
-        f'"method":{_str(method)},"grpc":{"true" if grpc else "false"},'
-        f'"duration_us":{round(duration * 1e6, 1)}{extra}}}\n'
+        f'"method":{_cap(method)},"grpc":{"true" if grpc else "false"},'
+        f'"duration_us":{round(duration * 1e6, 1)}{extra}'
     )
+    if cut == 0 and len(line) + len(beside) + 2 <= LINE_LIMIT:
+        return line + beside + "}\n"
+    # Still too long (a policy whose many shadow rules all matched, say): the shadow and candidate
+    # details go, the decision stays; `truncated` says so.
+    line += ',"truncated":true'
+    if len(line) + 2 > LINE_LIMIT and cut < 2:
+        return _decision_line(end_ns, trace_id, span_id, f, method, grpc, duration, explain, error, "", 2)
+    return line + "}\n"
 
 
 def trace_ids(headers: Mapping[str, str]) -> tuple[str, str]:

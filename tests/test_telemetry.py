@@ -140,10 +140,53 @@ def test_the_decision_line_is_the_json_of_its_fields(subject: str) -> None:
     assert line.endswith("\n") and line.count("\n") == 1
     expected = {
         "ts": round(1_800_000_000.123456789, 6), "event": "decision", "trace_id": "ab" * 16, "span_id": "cd" * 8,
-        **fields, "method": "GET", "grpc": True, "duration_us": 123.4, "explain": True, "error": "KeyError",
+        **fields, "subject": subject if len(subject) <= 256 else subject[:256] + "…",
+        "method": "GET", "grpc": True, "duration_us": 123.4, "explain": True, "error": "KeyError",
     }
     assert _json.loads(line) == expected
     assert list(_json.loads(line)) == list(expected)  # and in the same order
+
+
+_LINE_SCHEMA = _json.loads(
+    (__import__("pathlib").Path(__file__).parent.parent / "sidecar" / "decision-line.schema.json").read_text()
+)
+
+
+@pytest.mark.parametrize("long", ["x" * 5000, "\U0001f600" * 5000, "\u2028" * 300, "é" * 257])
+def test_a_long_subject_principal_or_method_never_makes_a_line_a_pipe_would_tear(long: str) -> None:
+    """Workers share one stdout pipe: only writes of at most 4096 bytes are atomic (red-team F7)."""
+    import jsonschema
+
+    ident = _Identity("bearer", principal=long, issuer_id="dev", issuer=long, subject=long)
+    d = _Decision(_Outcome.DENY, "permission_denied", 403, "x", identity=ident)
+    fields = decision_fields(d, "0123456789abcdef", "p@1")
+    line = decision_line(1_800_000_000_000_000_000, "ab" * 16, "cd" * 8, fields, long, False, 0.0001, False, long)
+    assert len(line.encode()) <= 4096
+    doc = _json.loads(line)
+    jsonschema.validate(doc, _LINE_SCHEMA)
+    for key in ("subject", "principal", "issuer", "method", "error"):
+        assert long.startswith(doc[key][:-1]) and doc[key].endswith("…") and len(doc[key]) <= 257
+    assert "truncated" not in doc
+
+
+def test_a_line_still_too_long_keeps_the_decision_and_says_truncated() -> None:
+    import jsonschema
+
+    d = _Decision(_Outcome.ALLOW, "allowed", 200, matched_rules=tuple(f"rule-{i:058d}" for i in range(80)))
+    fields = decision_fields(d, "0123456789abcdef", "p@1")
+    item = '{"rule":"s%s","table":"sensitivity","outcome":"deny","reason":"permission_denied"}'
+    shadow = ',"shadow":[' + ",".join(item.replace("%s", str(i)) for i in range(60)) + "]"
+    line = decision_line(1_800_000_000_000_000_000, "", "", fields, "GET", False, 0.0001, False, "", shadow)
+    assert len(line.encode()) <= 4096
+    doc = _json.loads(line)
+    jsonschema.validate(doc, _LINE_SCHEMA)
+    assert doc["truncated"] is True and "shadow" not in doc
+    assert (doc["decision_id"], doc["outcome"], doc["reason"]) == ("0123456789abcdef", "allow", "allowed")
+    assert doc["rules"] == [f"rule-{i:058d}" for i in range(8)]
+    short = decision_line(1_800_000_000_000_000_000, "", "", decision_fields(
+        _Decision(_Outcome.ALLOW, "allowed", 200, matched_rules=("a",)), "0123456789abcdef", "p@1"),
+        "GET", False, 0.0001, False, "", shadow[:200] + "]")  # fmt: skip
+    assert "truncated" not in short
 
 
 @pytest.mark.parametrize(

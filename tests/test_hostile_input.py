@@ -225,3 +225,28 @@ def test_jwt_authn_metadata_with_non_finite_numbers_is_an_invalid_claim(handler:
     assert answer(handler.check(check_request(BALANCE, jwt_payload=meta))) == (401, "invalid_claim")
     meta = {"iss": ISSUER, "aud": "bank-api", "sub": "carol", "exp": NOW + 60, "auth_time": value}
     assert answer(handler.check(check_request(BALANCE, jwt_payload=meta))) == (401, "invalid_claim")
+
+
+def test_decision_ids_tell_nothing_about_each_other() -> None:
+    """An id shown to a caller (in a 403 body, say) must not name the next ones or count the
+    traffic between two of theirs (red-team F8: a per-process prefix and a counter did)."""
+    import os as _os
+
+    from sidecar.server import new_decision_id
+
+    ids = [new_decision_id() for _ in range(5000)]  # across several refills of the pool
+    assert all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+    assert len(set(ids)) == len(ids)
+    assert len({i[:8] for i in ids}) > 4900  # no shared prefix
+    steps = {(int(b, 16) - int(a, 16)) % (1 << 64) for a, b in __import__("itertools").pairwise(ids)}
+    assert len(steps) > 4900  # no counter, no fixed stride
+    assert len({i[-4:] for i in ids}) > 3000  # low bits vary too
+    r, w = _os.pipe()
+    pid = _os.fork()
+    if pid == 0:  # the child must not hand out the ids the parent is about to
+        _os.write(w, "".join(new_decision_id() for _ in range(4)).encode())
+        _os._exit(0)
+    _os.waitpid(pid, 0)
+    child = _os.read(r, 64).decode()
+    parent = "".join(new_decision_id() for _ in range(4))
+    assert len(child) == 64 and child != parent

@@ -334,6 +334,7 @@ class RemoteKeys:
         self._clock = clock
         self._fresh: cachetools.TTLCache[str, KeySet] = cachetools.TTLCache(maxsize=1, ttl=ttl, timer=clock)
         self._last_good: KeySet | None = None
+        self._last_raw: bytes | str | None = None  # the JWKS document _last_good came from
         self._last_attempt = float("-inf")
         self._lock = threading.Lock()
         self.fetches = 0  # fetches that brought usable keys
@@ -348,6 +349,21 @@ class RemoteKeys:
     def is_fresh(self) -> bool:
         return self._fresh.get("keys") is not None
 
+    def seed_from(self, other: RemoteKeys) -> None:
+        """Start from the document another provider of the same URL last fetched, filtered by this
+        one's algorithms (a reload that changes only `algorithms` or the refresh interval must not
+        leave the issuer with no keys until the IdP answers again, red-team F10). A new key set
+        object: tokens verified under the other one are verified again, under these algorithms."""
+        if other._last_raw is None:
+            return
+        try:
+            jwks = parse_jwks(other._last_raw, self._algorithms)
+        except ValueError:
+            return
+        if jwks.keys:
+            self._last_good, self._last_raw = jwks.keys, other._last_raw
+            self._last_attempt = other._last_attempt
+
     def fetched_within(self, seconds: float) -> bool:
         return self._clock() - self._last_attempt < seconds
 
@@ -361,7 +377,8 @@ class RemoteKeys:
                 return False
             self._last_attempt = self._clock()
             try:
-                jwks = parse_jwks(self._fetch(self.url, self._timeout), self._algorithms)
+                raw = self._fetch(self.url, self._timeout)
+                jwks = parse_jwks(raw, self._algorithms)
                 for problem in jwks.refused:
                     log.warning("jwks key dropped: %s", problem, extra={"jwks_url": self.url})
                 if not jwks.keys:
@@ -381,7 +398,7 @@ class RemoteKeys:
             if self._last_good is not None and _same_keys(self._last_good, keys):
                 keys = self._last_good  # unchanged: what it verified stays verified
             self._fresh["keys"] = keys
-            self._last_good = keys
+            self._last_good, self._last_raw = keys, raw
             return True
 
 
@@ -420,6 +437,9 @@ class KeyStore:
             provider = self._remote.get(key)
             if provider is None:
                 provider = RemoteKeys(url, algorithms=algorithms, fetch=self._fetch, ttl=ttl)
+                same_url = [p for (u, _, _), p in self._remote.items() if u == url]
+                if same_url:
+                    provider.seed_from(same_url[-1])
                 self._remote[key] = provider
             return provider
 

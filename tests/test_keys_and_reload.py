@@ -316,3 +316,53 @@ def test_the_identity_memo_never_answers_for_an_earlier_instant(tmp_path: Path) 
     assert _reason(runtime, token) == "allowed"
     runtime.clock = FixedClock(NOW - 3600)  # type: ignore[assignment]
     assert _reason(runtime, token) != "allowed"
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("    algorithms: [RS256]\n", "    algorithms: [RS256, ES256]\n"),
+     ("    algorithms: [RS256]\n", "    algorithms: [RS256]\n    jwks_refresh: 5m\n")],
+)
+def test_a_reload_that_changes_only_algorithms_or_refresh_keeps_the_keys_while_the_idp_is_down(
+    tmp_path: Path, old: str, new: str
+) -> None:
+    """Red-team F10: such a change made a new, empty provider; with the IdP unreachable at that
+    moment, every token of the issuer was refused until it answered again."""
+    idp = FakeIdP(_public(PRIVATE_JWK))
+    runtime, path = _runtime_with_url(tmp_path, idp)
+    token = make_token()
+    assert _reason(runtime, token) == "allowed"
+    before = runtime.policy.issuers[0].keys
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    idp.down = True
+    watcher = PolicyWatcher(path, runtime, 0)
+
+    async def reload() -> bool:
+        return await watcher.reload()
+
+    assert asyncio.run(reload()) is True
+    after = runtime.policy.issuers[0].keys
+    assert isinstance(after, RemoteKeys) and after is not before  # a provider of its own
+    assert after.keyset() is not None and after.keyset() is not before.keyset()
+    assert _reason(runtime, token) == "allowed"  # verified again, under the new algorithms
+    assert _reason(runtime, make_token(sub="bob")) == "allowed"
+
+
+def test_narrowed_algorithms_refilter_the_seeded_keys(tmp_path: Path) -> None:
+    from joserfc.jwk import ECKey
+
+    from sidecar.keys import KeyStore
+
+    ec = ECKey.generate_key("P-256", parameters={"kid": "ec-1", "alg": "ES256"}).as_dict(private=False)
+    idp = FakeIdP(_public(PRIVATE_JWK), ec)
+    store = KeyStore(idp)
+    both = store.remote(URL, ["RS256", "ES256"], 600)
+    assert both.refresh() is True
+    ks = both.keyset()
+    assert ks is not None and sorted(k.as_dict()["kty"] for k in ks.keys) == ["EC", "RSA"]
+    idp.down = True
+    rs_only = store.remote(URL, ["RS256"], 600)
+    ks = rs_only.keyset()
+    assert ks is not None and [k.as_dict()["kty"] for k in ks.keys] == ["RSA"]

@@ -2,11 +2,14 @@
 
 Starts the sidecar (examples/policy.yaml), the demo bank upstream and Envoy (examples/envoy/envoy.yaml)
 on free loopback ports (examples/stack.py, the harness the end-to-end tests use too), then plays a
-teller's day with a real gRPC client talking to Envoy:
+teller's day with a real gRPC client talking to Envoy through sidecar.client's StepUpInterceptor
+(which adds the bearer token and parses the RFC 9470 challenge):
 
 1. a password-only login reads a balance (allowed);
-2. the same token tries a transfer: UNAUTHENTICATED, with the acr_values / max_age to satisfy;
-3. after a phishing-resistant step-up (acr "phr") the same call succeeds;
+2. the same token tries a transfer: UNAUTHENTICATED, raised as StepUpRequired with the
+   acr_values / max_age to satisfy;
+3. with a reauthenticate callback the interceptor gets a phishing-resistant token (acr "phr") and
+   retries the same call once: it succeeds;
 4. the teller calls the admin service: PERMISSION_DENIED (step-up cannot fix that);
 5. a step-up that happened two hours ago gets a freshness challenge (max_age=3600).
 
@@ -37,6 +40,7 @@ from grpc_status import rpc_status  # noqa: E402
 from examples.stack import stack as local_stack  # noqa: E402
 from sidecar import cli  # noqa: E402
 from sidecar._proto.bank.v1 import bank_pb2, bank_pb2_grpc  # noqa: E402
+from sidecar.client import Challenge, StepUpInterceptor, StepUpRequired  # noqa: E402
 
 # -- the stack -------------------------------------------------------------------------------
 
@@ -76,29 +80,23 @@ def dev_token(**claims: Any) -> str:
     return out.getvalue().strip()
 
 
-def _challenge_params(value: str) -> dict[str, str]:
-    params: dict[str, str] = {}
-    for part in value.partition(" ")[2].split(", "):
-        k, _, v = part.partition("=")
-        params[k] = v.strip('"')
-    return params
+def _not_asked(value: object) -> str:
+    return str(value) if value not in (None, "") else "(not asked)"
 
 
-def call(method: Any, request: Any, token: str) -> Any:
+def call(method: Any, request: Any) -> Any:
+    """One call through the step-up interceptor; on failure, print what the client got."""
     try:
-        resp, _ = method.with_call(request, metadata=(("authorization", f"Bearer {token}"),), timeout=5)
-        return resp
+        return method(request, timeout=5)
     except grpc.RpcError as e:
         print(f"   -> {e.code().name}: {e.details()}")
-        www = dict(e.trailing_metadata() or ()).get("www-authenticate")
-        if www:
-            p = _challenge_params(www)
-            print(f"      www-authenticate: {www}")
-            print(
-                f"      the client must satisfy: acr_values={p.get('acr_values', '(not asked)')}"
-                f"  max_age={p.get('max_age', '(not asked)')}"
-            )
-        else:
+        www = [v for k, v in e.trailing_metadata() or () if k == "www-authenticate"]
+        for value in www:
+            print(f"      www-authenticate: {value}")
+        if isinstance(e, StepUpRequired):  # sidecar.client parsed the challenge
+            acr, max_age = _not_asked(" ".join(e.challenge.acr_values)), _not_asked(e.challenge.max_age)
+            print(f"      the client must satisfy: acr_values={acr}  max_age={max_age}")
+        elif not www:
             print("      (no challenge: a step-up cannot fix a missing permission)")
         status = rpc_status.from_call(e)
         if status is not None:
@@ -116,16 +114,18 @@ def story(envoy_addr: str) -> int:
     teller = {"sub": "alice", "roles": "teller", "scope": "payments"}
     failures = 0
     with grpc.insecure_channel(envoy_addr) as ch:
-        accounts, payments, admin = (
-            bank_pb2_grpc.AccountsStub(ch),
-            bank_pb2_grpc.PaymentsStub(ch),
-            bank_pb2_grpc.AdminStub(ch),
-        )
+
+        def bank(stepup: StepUpInterceptor) -> tuple[Any, Any, Any]:
+            """The bank's stubs on a channel with this step-up interceptor (it adds the token)."""
+            c = grpc.intercept_channel(ch, stepup)
+            return bank_pb2_grpc.AccountsStub(c), bank_pb2_grpc.PaymentsStub(c), bank_pb2_grpc.AdminStub(c)
+
         transfer = bank_pb2.TransferRequest(from_account="acc-1", to_account="acc-2", amount_cents=5000)
 
         print("\n1. Alice, a teller, logged in with a password only and reads a balance (sensitivity: low).")
         password = dev_token(**teller, acr="urn:okta:loa:1fa:any", amr="pwd")
-        r = call(accounts.GetBalance, bank_pb2.GetBalanceRequest(account_id="acc-1"), password)
+        accounts, payments, _ = bank(StepUpInterceptor(token=password))  # no reauthenticate callback
+        r = call(accounts.GetBalance, bank_pb2.GetBalanceRequest(account_id="acc-1"))
         if r is not None:
             print(
                 f"   -> OK: balance of {r.account_id} is {r.amount_cents / 100:.2f} {r.currency}"
@@ -136,15 +136,25 @@ def story(envoy_addr: str) -> int:
         print(
             "\n2. With the same token she transfers 50.00 EUR (sensitivity: high, phishing-resistant, 1 h)."
         )
-        r = call(payments.Transfer, transfer, password)
+        r = call(payments.Transfer, transfer)
         failures += r is not None
 
         print(
-            "\n3. Her client sends her back to the identity provider with acr_values=phr; she uses a "
-            "security key."
+            "\n3. Her client's interceptor sends her back to the identity provider with the challenge; "
+            "she uses a security key."
         )
-        stepped_up = dev_token(**teller, acr="phr", amr="hwk,pin")
-        r = call(payments.Transfer, transfer, stepped_up)
+
+        def security_key(challenge: Challenge) -> str:
+            """The reauthenticate callback: a real client would redirect to the IdP here."""
+            acr, max_age = _not_asked(" ".join(challenge.acr_values)), _not_asked(challenge.max_age)
+            print(f"   reauthenticate(challenge): acr_values={acr}  max_age={max_age}")
+            token = dev_token(**teller, acr="phr", amr="hwk,pin")
+            print("   the interceptor retries the transfer once, with the new token")
+            return token
+
+        stepup = StepUpInterceptor(security_key, token=password)
+        _, payments, admin = bank(stepup)
+        r = call(payments.Transfer, transfer)
         if r is not None:
             print(
                 f"   -> OK: transfer {r.transfer_id} done"
@@ -153,14 +163,13 @@ def story(envoy_addr: str) -> int:
         failures += r is None
 
         print("\n4. She tries the admin service, Admin.SetPermissions (tellers have no permission there).")
-        r = call(
-            admin.SetPermissions, bank_pb2.SetPermissionsRequest(user_id="bob", roles=["admin"]), stepped_up
-        )
-        failures += r is not None
+        r = call(admin.SetPermissions, bank_pb2.SetPermissionsRequest(user_id="bob", roles=["admin"]))
+        failures += r is not None  # the interceptor now sends the stepped-up token; no retry on a denial
 
         print("\n5. Two hours later she transfers again with a token from that step-up (auth_time 2 h ago).")
         stale = dev_token(**teller, acr="phr", amr="hwk,pin", auth_age=7200)
-        r = call(payments.Transfer, transfer, stale)
+        _, payments, _ = bank(StepUpInterceptor(token=stale))
+        r = call(payments.Transfer, transfer)
         failures += r is not None
     return failures
 

@@ -29,19 +29,31 @@ def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st.E
             yield envoy, sidecar
 
 
+def _checks_per_worker(envoy: st.Envoy, sidecar: st.Sidecar) -> dict[int, int]:
+    """Requests Envoy sent to each ext_authz endpoint (its /clusters admin page, per host)."""
+    out: dict[int, int] = {}
+    for line in envoy.admin("/clusters").splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[0] == "ext_authz" and parts[2] == "rq_total":
+            out[int(parts[1].rpartition(":")[2])] = int(parts[3])
+    return out
+
+
 def test_envoy_balances_checks_across_both_workers(two_workers: tuple[st.Envoy, st.Sidecar]) -> None:
-    envoy, _ = two_workers
+    envoy, sidecar = two_workers
     deadline = time.monotonic() + 10  # the health check admits the second worker
-    prefixes: set[str] = set()
+    ports = {sidecar.port, sidecar.port + 1}
     answers = 0
-    while (time.monotonic() < deadline and len(prefixes) < 2) or answers < 40:
+    while answers < 40 or (time.monotonic() < deadline and min(_checks_per_worker(envoy, sidecar).values(), default=0) == 0):
         r = http_request(envoy.address, "GET", "/healthz")
         assert r.status == 200
         seen = json.loads(r.body)["headers"]
-        (decision_id,) = seen["x-auth-decision-id"]
-        prefixes.add(decision_id[:8])  # a decision id starts with its process's random prefix
+        (decision_id,) = seen["x-auth-decision-id"]  # the sidecar answered (allowed, public)
+        assert len(decision_id) == 16
         answers += 1
-    assert len(prefixes) == 2, prefixes
+    per_worker = _checks_per_worker(envoy, sidecar)
+    assert set(per_worker) == ports, per_worker
+    assert all(n > 0 for n in per_worker.values()), per_worker
     assert envoy.stat("cluster.ext_authz.health_check.healthy") == 2
 
 

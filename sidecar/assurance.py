@@ -7,7 +7,7 @@ without one, `amr` (RFC 8176) may derive the first or second level, never the to
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # RFC 8176 method values by authentication factor class. `user` (a presence test), `rba`, `geo`,
 # `mca` and unknown values are no factor: they neither derive nor raise a level.
@@ -15,23 +15,76 @@ _KNOWLEDGE = frozenset({"pwd", "pin", "kba"})
 _POSSESSION = frozenset({"hwk", "swk", "otp", "sms", "tel", "sc", "pop"})
 _INHERENCE = frozenset({"fpt", "face", "iris", "retina", "vbm"})
 _FACTORS = _KNOWLEDGE | _POSSESSION | _INHERENCE
+# Plain words for RFC 8176 method values, for a step-up's error_description (a policy can add
+# its own or override these under assurance.describe_amr).
+AMR_WORDS = {
+    "face": "facial recognition",
+    "fpt": "a fingerprint",
+    "geo": "a location check",
+    "hwk": "a security key",
+    "iris": "an iris scan",
+    "kba": "a knowledge question",
+    "mca": "several channels",
+    "mfa": "several factors",
+    "otp": "a one-time code",
+    "pin": "a PIN",
+    "pop": "a proof-of-possession key",
+    "pwd": "a password",
+    "rba": "a risk check",
+    "retina": "a retina scan",
+    "sc": "a smart card",
+    "sms": "a code sent by SMS",
+    "swk": "a software key",
+    "tel": "a phone call",
+    "user": "a presence check",
+    "vbm": "a voice check",
+    "wia": "Windows sign-in",
+}
 # OpenID Connect Core §2: acr "0" states that the authentication does NOT meet ISO/IEC 29115
 # level 1 (e.g. a long-lived browser cookie): no level, and no derivation from amr either.
 NO_ASSURANCE_ACR = "0"
 
 
+_NO_METHODS: frozenset[str] = frozenset()
+
+
 @dataclass(frozen=True, slots=True)
 class IssuerAcr:
-    """One issuer's acr vocabulary: which values prove which level, which to ask for."""
+    """One issuer's acr vocabulary: which values prove which level, which to ask for, and which
+    authentication methods a value guarantees (RFC 9470 has no parameter for methods: a required
+    method is asked for through an acr value that implies it)."""
 
     accept: dict[str, int]
     # request[level] = acr values to ask for when `level` is required: that level's values, then
     # those of each stronger level (least friction first).
     request: tuple[tuple[str, ...], ...]
+    implies: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    def implied(self, acr: Iterable[str]) -> frozenset[str]:
+        """The methods the token's (accepted) acr values guarantee."""
+        if not self.implies:
+            return _NO_METHODS
+        out: set[str] = set()
+        for value in acr:
+            out |= self.implies.get(value, _NO_METHODS)
+        return frozenset(out)
+
+    def askable(self, level: int, methods: frozenset[str]) -> tuple[str, ...]:
+        """The acr values to ask for so that one login meets `level` and includes every method of
+        `methods`: request[level] (least friction first), keeping only values that imply them."""
+        values = self.request[level]
+        if not methods:
+            return values
+        return tuple(v for v in values if methods <= self.implies.get(v, _NO_METHODS))
 
 
-def build_issuer_acr(levels: tuple[str, ...], table: dict[str, tuple[list[str], list[str]]]) -> IssuerAcr:
-    """`table[level] = (accept, request)`; levels missing from the table get no values."""
+def build_issuer_acr(
+    levels: tuple[str, ...],
+    table: dict[str, tuple[list[str], list[str]]],
+    implies: dict[str, frozenset[str]] | None = None,
+) -> IssuerAcr:
+    """`table[level] = (accept, request)`; levels missing from the table get no values.
+    `implies[acr value] = methods` that a login at that value always includes."""
     accept: dict[str, int] = {}
     own: list[list[str]] = []
     for i, name in enumerate(levels):
@@ -45,7 +98,7 @@ def build_issuer_acr(levels: tuple[str, ...], table: dict[str, tuple[list[str], 
         for j in range(i, len(levels)):
             seen.extend(v for v in own[j] if v not in seen)
         request.append(tuple(seen))
-    return IssuerAcr(accept, tuple(request))
+    return IssuerAcr(accept, tuple(request), dict(implies or {}))
 
 
 def level_from_claims(

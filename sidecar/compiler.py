@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sidecar.assurance import build_issuer_acr
+from sidecar.assurance import AMR_WORDS, build_issuer_acr
 from sidecar.identity import ClaimNames, IdentityMapper, IssuerConfig
 from sidecar.keys import Fetcher, KeyFileError, KeyProvider, KeyStore, urllib_fetch
 from sidecar.policy import (
@@ -303,6 +303,15 @@ class _Builder:
             skew=skew,
         )
         enforced_risks = tuple(r for r in risks if r.id not in risk_shadow)
+        describe = assurance.get("describe", {})
+        for lname in describe:
+            if lname not in index:
+                self.err(
+                    ("assurance", "describe", lname),
+                    f"unknown assurance level {lname!r} (known: {', '.join(levels)})",
+                )
+        if self.problems:
+            return None
         policy = Policy(
             name=name,
             version=f"{name}@{digest}",
@@ -320,6 +329,8 @@ class _Builder:
             upstream_headers=headers,
             warnings=tuple(self.warnings),
             files=tuple(self.files),
+            describe=tuple(describe.get(n, "") for n in levels),
+            describe_amr={**AMR_WORDS, **assurance.get("describe_amr", {})},
             rule_ids={
                 table: tuple(r["id"] for r in rules if r.get("mode") != "shadow")
                 for table, rules in (
@@ -417,6 +428,7 @@ class _Builder:
                 f"issuer {raw['id']!r} is the development issuer {DEV_ISSUER}: its private key is public"
             )
         table: dict[str, tuple[list[str], list[str]]] = {}
+        implies: dict[str, frozenset[str]] = {}
         seen_acr: dict[str, str] = {}
         for lname, entry in raw["acr"].items():
             if lname not in index:
@@ -431,6 +443,14 @@ class _Builder:
                     )
                 seen_acr[v] = lname
             table[lname] = (list(entry["accept"]), list(entry.get("request", [])))
+            for v, methods in entry.get("implies_amr", {}).items():
+                if v not in entry["accept"]:
+                    self.err(
+                        (*where, "acr", lname, "implies_amr", v),
+                        f"acr {v!r} is not one this level accepts ({', '.join(entry['accept'])}):"
+                        " only a value that proves the level can guarantee methods",
+                    )
+                implies[v] = frozenset(methods)
         claims = ClaimNames(**raw.get("claims", {}))
         return IssuerConfig(
             id=raw["id"],
@@ -440,7 +460,7 @@ class _Builder:
             keys=keys,
             jwt_authn_payload=raw.get("jwt_authn_payload"),
             claims=claims,
-            acr=build_issuer_acr(levels, table),
+            acr=build_issuer_acr(levels, table, implies),
         )
 
     def _condition(self, where: PathT, raw: dict[str, Any]) -> Any:
@@ -542,3 +562,46 @@ class _Builder:
                         f"{why} can require {levels[lvl]!r}, but issuer {cfg.id!r} has no acr value for it"
                         " or any stronger level: the step-up challenge could not be satisfied",
                     )
+        self._check_methods_askable(levels, specs, risks, issuers)
+
+    def _check_methods_askable(
+        self,
+        levels: tuple[str, ...],
+        specs: dict[str, LevelSpec],
+        risks: list[RiskRule],
+        issuers: list[IssuerConfig],
+    ) -> None:
+        """A required method can only be asked for through an acr value that implies it (RFC 9470
+        has no parameter for methods): every level with `required_amr`, at every minimum it can
+        have (its own, raised by risk rules, combined with another level by a route's context
+        extension), must have such a value among those an issuer can be asked for."""
+        top = len(levels) - 1
+        bumps = sorted({0, *(r.raise_by for r in risks if r.raise_by)})
+        with_amr = [sp for sp in specs.values() if sp.required_amr and not sp.public]
+        for spec in with_amr:
+            mins: dict[int, str] = {}
+            others = [o for o in specs.values() if not o.public]
+            for other in others:
+                combined = [x for x in (spec.min_level, other.min_level) if x is not None]
+                base = max(combined) if combined else None
+                for bump in bumps:
+                    lvl = min((base if base is not None else -1) + bump, top) if bump else base
+                    lvl = 0 if lvl is None or lvl < 0 else lvl
+                    mins.setdefault(lvl, "")
+            methods = spec.required_amr
+            for i, cfg in enumerate(issuers):
+                for lvl in sorted(mins):
+                    if cfg.acr.request[lvl] and not cfg.acr.askable(lvl, methods):
+                        need = ", ".join(sorted(methods))
+                        candidates = cfg.acr.request[lvl]
+                        self.err(
+                            ("sensitivity", "levels", spec.name, "required_amr"),
+                            f"requires {need} at {levels[lvl]!r} or above, but no acr value issuer"
+                            f" {cfg.id!r} can be asked for ({', '.join(candidates)}) implies"
+                            f" {'them' if len(methods) > 1 else 'it'}: the step-up challenge could not"
+                            f" be satisfied. Under issuers[{i}].acr, add e.g. `implies_amr:"
+                            f" {{{candidates[-1]}: [{need}]}}` to the level that accepts"
+                            f" {candidates[-1]!r} (if a login at that value always uses {need}),"
+                            " or drop required_amr",
+                        )
+                        break

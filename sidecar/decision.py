@@ -38,6 +38,8 @@ class Decision:
     acr_values: tuple[str, ...] = ()
     max_age: int | None = None
     scope: tuple[str, ...] = ()
+    # The authentication methods a step-up requires (all of them, for clients that show them).
+    required_amr: tuple[str, ...] = ()
     path: str = ""
     # Level names, so that the edges (response, log, span, explain) need no policy to print them.
     required_assurance: str = ""

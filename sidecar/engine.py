@@ -252,7 +252,12 @@ class Engine:
         # 5. How strong and how fresh must the authentication be?
         req = self._requirement(spec, sensitivity, a, now)
         matched.extend(req.risk_rules)
-        short = shortfall(req, ident.level, ident.amr, ident.auth_time, now, p.skew)
+        amr: tuple[str, ...] | frozenset[str] = ident.amr
+        if req.required_amr and ident.issuer_id in self._issuers:
+            implied = self._issuers[ident.issuer_id].acr.implied(ident.acr)
+            if implied:
+                amr = implied.union(ident.amr)  # an acr value that guarantees a method counts
+        short = shortfall(req, ident.level, amr, ident.auth_time, now, p.skew)
         if short.any:
             return self._step_up(req, ident, short, out)
 
@@ -297,29 +302,22 @@ class Engine:
     def _step_up(
         self, req: Requirement, ident: Identity, short: Shortfall, out: Callable[..., Decision]
     ) -> Decision:
-        p = self.policy
-        strength = short.strength or bool(short.missing_amr)
-        freshness = short.freshness
-        missing_amr = short.missing_amr
+        """One challenge that asks for everything that is short at once: acr values that meet the
+        level and imply every required method (RFC 9470 has no parameter for methods), and
+        max_age when the login is too old, so that one re-login satisfies it."""
         acr_values: tuple[str, ...] = ()
-        if strength:
+        if short.strength or short.missing_amr:
             issuer = self._issuers[ident.issuer_id]
             level = req.min_level if req.min_level is not None else 0
-            acr_values = issuer.acr.request[level]
-        max_age = req.max_age if freshness else None
-        if (
-            strength
-            and missing_amr
-            and (ident.level is not None and req.min_level is not None and ident.level >= req.min_level)
-        ):
-            reason, text = R.AMR_MISSING, f"authentication with {' and '.join(missing_amr)} is required"
-        elif strength:
-            need = p.levels[req.min_level] if req.min_level is not None else p.levels[0]
-            reason, text = R.ACR_TOO_LOW, f"a stronger authentication ({need}) is required"
+            acr_values = issuer.acr.askable(level, req.required_amr)
+        max_age = req.max_age if short.freshness else None
+        if short.strength:
+            reason = R.ACR_TOO_LOW
+        elif short.missing_amr:
+            reason = R.AMR_MISSING
         else:
-            reason, text = R.AUTH_TOO_OLD, R.AUTH_TOO_OLD.description
-        if strength and freshness:
-            text += ", and a more recent one"
+            reason = R.AUTH_TOO_OLD
+        text = f"{reason.description}: {self._asked(req, short)}"
         return out(
             reason,
             text,
@@ -327,7 +325,32 @@ class Engine:
             identity=ident,
             acr_values=acr_values,
             max_age=max_age,
+            required_amr=tuple(sorted(req.required_amr)) if short.strength or short.missing_amr else (),
         )
+
+    def _asked(self, req: Requirement, short: Shortfall) -> str:
+        """What the challenge asks, in plain words: "a phishing-resistant login with a security
+        key within the last 5 minutes" (level words from assurance.describe, else the level)."""
+        p = self.policy
+        words = "a login"
+        if (short.strength or short.missing_amr) and req.min_level is not None:
+            described = p.describe[req.min_level] if p.describe else ""
+            words = described or f"a login at level {p.levels[req.min_level]}"
+        if (short.strength or short.missing_amr) and req.required_amr:
+            names = [p.describe_amr.get(m, m) for m in sorted(req.required_amr)]
+            words += " with " + " and ".join(names)
+        if short.freshness and req.max_age is not None:
+            words += f" within the last {_span(req.max_age)}"
+        return words
+
+
+def _span(seconds: int) -> str:
+    """3600 -> "hour", 300 -> "5 minutes", 90 -> "90 seconds", 172800 -> "2 days"."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            n = seconds // size
+            return unit if n == 1 else f"{n} {unit}s"
+    return "second" if seconds == 1 else f"{seconds} seconds"
 
 
 def _stricter(a: LevelSpec, b: LevelSpec) -> LevelSpec:

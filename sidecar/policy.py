@@ -478,6 +478,9 @@ class Policy:
     rule_ids: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # One variant of this policy per shadow rule: the policy as if that rule were enforced.
     shadows: tuple[Shadow, ...] = ()
+    # Plain words for a step-up's error_description: per level (by index; "" for none), per method.
+    describe: tuple[str, ...] = ()
+    describe_amr: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

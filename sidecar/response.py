@@ -131,6 +131,8 @@ def deny(d: Decision, decision_id: str, realm: str, is_grpc: bool) -> Any:
             info.metadata["max_age"] = str(d.max_age)
         if d.scope:
             info.metadata["scope"] = " ".join(d.scope)
+        if d.required_amr:
+            info.metadata["required_amr"] = " ".join(d.required_amr)
         if d.error == "insufficient_user_authentication":
             info.reason = "INSUFFICIENT_USER_AUTHENTICATION"
         detail = any_pb2.Any()
@@ -148,6 +150,8 @@ def deny(d: Decision, decision_id: str, realm: str, is_grpc: bool) -> Any:
             doc["max_age"] = d.max_age
         if d.scope:
             doc["scope"] = " ".join(d.scope)
+        if d.required_amr:
+            doc["required_amr"] = " ".join(d.required_amr)
         doc["reason"] = d.reason
         doc["decision_id"] = decision_id
         body = json.dumps(doc, separators=(",", ":"))

@@ -44,10 +44,8 @@ class RefAnswer:
     http_status: int  # 200 | 400 | 401 | 403
     reason: str  # the reason code (README decision table)
     error: str = ""  # RFC 6750 / RFC 9470 error code of the challenge, "" when there is none
-    # acr_values of a step-up challenge, () when absent. None only for `amr_missing`: the spec
-    # says a required method is asked for "through an acr value that guarantees it", but the
-    # policy format documents no way to say which acr value implies which method, so the reference
-    # cannot tell which values the challenge lists.
+    # acr_values of a step-up challenge, () when absent; for a required method, only the values
+    # the issuer's implies_amr says guarantee it.
     acr_values: tuple[str, ...] | None = ()
     max_age: int | None = None  # max_age of a step-up challenge, None when absent
     # Other reason codes that are equally right: the spec does not order some checks of one step
@@ -238,9 +236,16 @@ class Reference:
         presented = self.presented_level(user)
         skew = self.skew()
         strength_short = minimum is not None and (presented is None or presented < minimum)
+        # Issue 12: a required method is met by the token's amr, or by one of its acr values
+        # whose login the issuer's mapping says always includes it (implies_amr).
+        methods = list(user["amr"])
+        for level_entry in (user["issuer"].get("acr") or {}).values():
+            for value, implied in ((level_entry or {}).get("implies_amr") or {}).items():
+                if value in user["acr"] and value in (level_entry.get("accept") or []):
+                    methods.extend(implied)
         amr_short = False
         for needed in requirement["amr"]:
-            if needed not in user["amr"]:
+            if needed not in methods:
                 amr_short = True
         fresh_short = False
         if max_age is not None:
@@ -258,12 +263,15 @@ class Reference:
         if short:
             # CHOICE: one challenge asks for everything that is short (DESIGN §3); its reason is
             # the strength reason first (acr, then amr), freshness last; the others are in `also`.
-            acr_values: tuple[str, ...] | None = ()
-            if strength_short:
-                assert minimum is not None
-                acr_values = self.challenge_acr_values(user["issuer"], minimum)
-            if amr_short:
-                acr_values = None
+            # Issue 12: the acr values asked for are those whose login meets the level AND
+            # includes every required method, so that one re-login satisfies the challenge.
+            acr_values: tuple[str, ...] = ()
+            if strength_short or amr_short:
+                wanted = self.challenge_acr_values(user["issuer"], minimum if minimum is not None else 0)
+                acr_values = tuple(
+                    v for v in wanted
+                    if all(m in self.implied_methods(user["issuer"], v) for m in requirement["amr"])
+                )
             return RefAnswer(
                 "step_up",
                 401,
@@ -950,6 +958,13 @@ class Reference:
         if level >= len(levels) - 1:
             level = max(0, len(levels) - 2)
         return level
+
+    def implied_methods(self, issuer: dict[str, Any], value: str) -> list[str]:
+        """The methods a login at acr `value` always includes (the issuer's implies_amr)."""
+        out: list[str] = []
+        for entry in (issuer.get("acr") or {}).values():
+            out.extend(((entry or {}).get("implies_amr") or {}).get(value) or [])
+        return out
 
     def challenge_acr_values(self, issuer: dict[str, Any], minimum: int) -> tuple[str, ...]:
         """README: the issuer's acr values for the required level, then for each stronger level,

@@ -81,7 +81,7 @@ CASES = [
         "step_up",
         401,
         "acr_too_low",
-        www=STEP_UP + ', error_description="a stronger authentication (aal2_phr) is required", '
+        www=STEP_UP + ', error_description="a stronger authentication is required: a phishing-resistant login", '
         'acr_values="phr phrh"',
         rules=("transfer", "tellers-transfer"),
     ),
@@ -105,7 +105,7 @@ CASES = [
         "step_up",
         401,
         "auth_too_old",
-        www=STEP_UP + ', error_description="a more recent authentication is required", max_age=3600',
+        www=STEP_UP + ', error_description="a more recent authentication is required: a login within the last hour", max_age=3600',
     ),
     Case(
         "weak and old: both hints",
@@ -114,8 +114,8 @@ CASES = [
         401,
         "acr_too_low",
         www=STEP_UP
-        + ', error_description="a stronger authentication (aal2_phr) is required, and a more recent '
-        'one", acr_values="phr phrh", max_age=3600',
+        + ', error_description="a stronger authentication is required: a phishing-resistant login within the last '
+        'hour", acr_values="phr phrh", max_age=3600',
     ),
     Case(
         "freshly authenticated but still too weak is challenged",
@@ -160,7 +160,7 @@ CASES = [
         "step_up",
         401,
         "acr_too_low",
-        www=STEP_UP + ', error_description="a stronger authentication (aal3) is required", acr_values="phrh"',
+        www=STEP_UP + ', error_description="a stronger authentication is required: a phishing-resistant login with a hardware-bound key", acr_values="phrh"',
     ),
     Case(
         "admin 20 min after login: max_age=900",
@@ -168,7 +168,7 @@ CASES = [
         "step_up",
         401,
         "auth_too_old",
-        www=STEP_UP + ', error_description="a more recent authentication is required", max_age=900',
+        www=STEP_UP + ', error_description="a more recent authentication is required: a login within the last 15 minutes", max_age=900',
     ),
     Case(
         "operation in no table: default deny",
@@ -197,7 +197,7 @@ CASES = [
         "step_up",
         401,
         "acr_too_low",
-        www=STEP_UP + ', error_description="a stronger authentication (aal2) is required", '
+        www=STEP_UP + ', error_description="a stronger authentication is required: a two-factor login", '
         'acr_values="urn:okta:loa:2fa:any phr phrh"',
         rules=("balance", "tellers-read", "untrusted-network"),
     ),
@@ -213,7 +213,7 @@ CASES = [
         "step_up",
         401,
         "auth_too_old",
-        www=STEP_UP + ', error_description="a more recent authentication is required", max_age=1800',
+        www=STEP_UP + ', error_description="a more recent authentication is required: a login within the last 30 minutes", max_age=1800',
     ),
     Case(
         "unknown source address counts as untrusted",

@@ -1171,6 +1171,7 @@ def test_reference_on_hand_made_policy_variants() -> None:
     doc = variant_doc()
     doc["risk"][-1]["raise"] = 2  # off-hours raises by 2, the unknown device by 1
     doc["sensitivity"]["levels"]["vault"] = {"min_assurance": "aal2", "required_amr": ["hwk"]}
+    doc["issuers"][0]["acr"]["aal3"]["implies_amr"] = {"phrh": ["hwk"]}  # else refused at load
     doc["sensitivity"]["rules"].append({"id": "vault", "match": ["/bank.v1.Vault/*"], "level": "vault"})
     doc["permissions"].append({"id": "vault", "match": ["/bank.v1.Vault/*"], "allow": {"authenticated": True}})
     ref = Reference(doc, JWKS, NOW)
@@ -1183,8 +1184,10 @@ def test_reference_on_hand_made_policy_variants() -> None:
     assert (a.reason, a.acr_values, a.max_age) == ("auth_too_old", (), 1200)
     assert ref.decide(check_request(token=signed(acr=ACR_PHR))).reason == "allowed"
     # required_amr
-    a = ref.decide(check_request("/bank.v1.Vault/List", token=signed(acr=ACR_PHRH, amr=["pwd"])))
-    assert (a.outcome, a.reason, a.acr_values) == ("step_up", "amr_missing", None)
+    # (off-hours raises the vault's aal2 to aal3 here; only phrh is askable, and it implies hwk)
+    a = ref.decide(check_request("/bank.v1.Vault/List", token=signed(acr=ACR_PHR, amr=["hwk"])))
+    assert (a.outcome, a.reason, a.acr_values) == ("step_up", "acr_too_low", ("phrh",))
+    assert ref.decide(check_request("/bank.v1.Vault/List", token=signed(acr=ACR_PHRH, amr="pwd"))).reason == "allowed"
     assert ref.decide(check_request("/bank.v1.Vault/List", token=signed(acr=ACR_PHRH, amr="hwk"))).reason == "allowed"
     # principals: prefix, never a regex, never from x-forwarded-client-cert
     assert ref.decide(check_request(principal="spiffe://cluster.local/ns/bank/sa/batch-9")).reason == "workload_granted"

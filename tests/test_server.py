@@ -110,7 +110,7 @@ def test_step_up_answer_for_a_grpc_caller(srv: Running) -> None:
     h = _headers(resp.denied_response.headers)
     assert h["www-authenticate"] == (
         'Bearer realm="bank", error="insufficient_user_authentication", '
-        'error_description="a stronger authentication (aal2_phr) is required", acr_values="phr phrh"'
+        'error_description="a stronger authentication is required: a phishing-resistant login", acr_values="phr phrh"'
     )
     assert h["grpc-status"] == "16"
     st = status_pb2.Status.FromString(base64.b64decode(h["grpc-status-details-bin"]))
@@ -120,7 +120,7 @@ def test_step_up_answer_for_a_grpc_caller(srv: Running) -> None:
     assert info.reason == "INSUFFICIENT_USER_AUTHENTICATION" and info.domain == "stepup-sidecar"
     assert info.metadata["acr_values"] == "phr phrh" and "max_age" not in info.metadata
     assert resp.denied_response.body == (
-        "insufficient_user_authentication: a stronger authentication (aal2_phr) is required"
+        "insufficient_user_authentication: a stronger authentication is required: a phishing-resistant login"
     )
 
 
@@ -132,7 +132,7 @@ def test_step_up_answer_for_an_http_caller_is_json(srv: Running) -> None:
     body = json.loads(resp.denied_response.body)
     assert body == {
         "error": "insufficient_user_authentication",
-        "error_description": "a stronger authentication (aal2_phr) is required, and a more recent one",
+        "error_description": "a stronger authentication is required: a phishing-resistant login within the last hour",
         "acr_values": "phr phrh",
         "max_age": 3600,
         "reason": "acr_too_low",

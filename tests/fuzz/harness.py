@@ -112,10 +112,11 @@ def variant_doc() -> dict[str, Any]:
                 "aal1": {"accept": ["bronze", "silver"], "request": ["silver"]},
                 "aal2": {"accept": ["gold"]},
                 "aal2_phr": {"accept": ["platinum"]},
-                "aal3": {"accept": ["diamond"]},
+                "aal3": {"accept": ["diamond"], "implies_amr": {"diamond": ["hwk"]}},
             },
         }
     )
+    doc["issuers"][0]["acr"]["aal3"]["implies_amr"] = {"phrh": ["hwk"]}  # required_amr must be askable
     levels = doc["sensitivity"]["levels"]
     levels["step_hwk"] = {"min_assurance": "aal2", "required_amr": ["hwk"]}
     levels["fresh_only"] = {"max_age": "5m"}

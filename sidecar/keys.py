@@ -335,6 +335,7 @@ class RemoteKeys:
         self._fresh: cachetools.TTLCache[str, KeySet] = cachetools.TTLCache(maxsize=1, ttl=ttl, timer=clock)
         self._last_good: KeySet | None = None
         self._last_raw: bytes | str | None = None  # the JWKS document _last_good came from
+        self.fetched_at = 0.0  # when that document was fetched (clock), 0: never
         self._last_attempt = float("-inf")
         self._lock = threading.Lock()
         self.fetches = 0  # fetches that brought usable keys
@@ -360,9 +361,9 @@ class RemoteKeys:
             jwks = parse_jwks(other._last_raw, self._algorithms)
         except ValueError:
             return
-        if jwks.keys:
+        if jwks.keys:  # _last_attempt stays: the reload's refetch is not skipped
             self._last_good, self._last_raw = jwks.keys, other._last_raw
-            self._last_attempt = other._last_attempt
+            self.fetched_at = other.fetched_at
 
     def fetched_within(self, seconds: float) -> bool:
         return self._clock() - self._last_attempt < seconds
@@ -399,6 +400,7 @@ class RemoteKeys:
                 keys = self._last_good  # unchanged: what it verified stays verified
             self._fresh["keys"] = keys
             self._last_good, self._last_raw = keys, raw
+            self.fetched_at = self._clock()
             return True
 
 
@@ -437,9 +439,9 @@ class KeyStore:
             provider = self._remote.get(key)
             if provider is None:
                 provider = RemoteKeys(url, algorithms=algorithms, fetch=self._fetch, ttl=ttl)
-                same_url = [p for (u, _, _), p in self._remote.items() if u == url]
-                if same_url:
-                    provider.seed_from(same_url[-1])
+                same_url = [p for (u, _, _), p in self._remote.items() if u == url and p.fetched_at]
+                if same_url:  # the newest document (one an older fetch had may hold a revoked key)
+                    provider.seed_from(max(same_url, key=lambda p: p.fetched_at))
                 self._remote[key] = provider
             return provider
 

@@ -111,7 +111,11 @@ class _Worker:
         self.restart_at: float | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env=self.env)
+        # SIGHUP ignored from the fork on: a reload forwarded while a restarted worker still
+        # starts up must not kill it (its serve() takes SIGHUP over once it can reload).
+        self.proc = subprocess.Popen(
+            self.argv, env=self.env, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        )
         self.started = time.monotonic()
         self.restart_at = None
 

@@ -579,15 +579,14 @@ class _Builder:
         bumps = sorted({0, *(r.raise_by for r in risks if r.raise_by)})
         with_amr = [sp for sp in specs.values() if sp.required_amr and not sp.public]
         for spec in with_amr:
-            mins: dict[int, str] = {}
-            others = [o for o in specs.values() if not o.public]
-            for other in others:
+            mins: set[int] = set()
+            for other in (o for o in specs.values() if not o.public):
                 combined = [x for x in (spec.min_level, other.min_level) if x is not None]
                 base = max(combined) if combined else None
                 for bump in bumps:
                     lvl = min((base if base is not None else -1) + bump, top) if bump else base
                     lvl = 0 if lvl is None or lvl < 0 else lvl
-                    mins.setdefault(lvl, "")
+                    mins.add(lvl)
             methods = spec.required_amr
             for i, cfg in enumerate(issuers):
                 for lvl in sorted(mins):

@@ -168,7 +168,22 @@ class _TokenHolder:
 # -- sync ---------------------------------------------------------------------------------------
 
 
+class _TokenProperty:
+    """`token`: the bearer token the interceptor sends (None: the call's own, if any)."""
+
+    _holder: _TokenHolder
+
+    @property
+    def token(self) -> str | None:
+        return self._holder.token
+
+    @token.setter
+    def token(self, value: str | None) -> None:
+        self._holder.token = value
+
+
 class StepUpInterceptor(
+    _TokenProperty,
     grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
     grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
 ):
@@ -191,14 +206,6 @@ class StepUpInterceptor(
     def __init__(self, reauthenticate: Reauthenticate | None = None, *, token: str | None = None) -> None:
         self.reauthenticate = reauthenticate
         self._holder = _TokenHolder(token)
-
-    @property
-    def token(self) -> str | None:
-        return self._holder.token
-
-    @token.setter
-    def token(self, value: str | None) -> None:
-        self._holder.token = value
 
     def _first(self, details: Any) -> Any:
         md = self._holder.first_metadata(details.metadata)
@@ -338,7 +345,7 @@ class _SteppingStream:
 # -- grpc.aio -----------------------------------------------------------------------------------
 
 
-class AioStepUpInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class AioStepUpInterceptor(_TokenProperty, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     """`StepUpInterceptor` for `grpc.aio` unary-unary calls:
     `grpc.aio.insecure_channel(target, interceptors=[AioStepUpInterceptor(reauthenticate)])`.
 
@@ -348,14 +355,6 @@ class AioStepUpInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignor
     def __init__(self, reauthenticate: AioReauthenticate | None = None, *, token: str | None = None) -> None:
         self.reauthenticate = reauthenticate
         self._holder = _TokenHolder(token)
-
-    @property
-    def token(self) -> str | None:
-        return self._holder.token
-
-    @token.setter
-    def token(self, value: str | None) -> None:
-        self._holder.token = value
 
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         md = self._holder.first_metadata(client_call_details.metadata)

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -93,6 +93,7 @@ class _DefaultPropagator(CompositePropagator):
 
 
 _HEX = frozenset("0123456789abcdef")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 
 
 def _parse_traceparent(value: str) -> trace.SpanContext | None:
@@ -442,10 +443,12 @@ class Telemetry:
         `shadow`: the shadow rules that would have answered otherwise; `candidate`: the candidate
         policy's decision, when one is loaded."""
         fields = decision_fields(decision, decision_id, policy_version)
-        extra = ""
+        shadow_part = candidate_part = sample_part = ""
         disagrees = cand_differs = False
         if shadow or candidate is not None:
-            extra, cand_differs = self._beside(decision, shadow, candidate, candidate_version)
+            shadow_part, candidate_part, cand_differs = self._beside(
+                decision, shadow, candidate, candidate_version
+            )
             disagrees = bool(shadow) or cand_differs
         # The method is request content: only a valid method token goes to the span and the log.
         method = attrs.method if attrs is not None and valid_method(attrs.method) else ""
@@ -502,7 +505,7 @@ class Telemetry:
             self.sample_allowed >= 1.0 or not decision.allowed or disagrees or explain or self._sampled()
         ):
             if self.sample_allowed < 1.0 and decision.allowed and not (disagrees or explain):
-                extra += f',"sample_rate":{self.sample_allowed}'
+                sample_part = f',"sample_rate":{self.sample_allowed}'
             if ctx is not None and ctx.is_valid:
                 trace_id, span_id = format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
             else:
@@ -510,7 +513,8 @@ class Telemetry:
             self.decision_log.write(
                 decision_line(
                     end_ns, trace_id, span_id, fields, method, attrs.is_grpc if attrs else False, duration,
-                    explain, type(error).__name__ if error is not None else "", extra,
+                    explain, type(error).__name__ if error is not None else "", shadow_part, candidate_part,
+                    sample_part,
                 )
             )
 
@@ -528,10 +532,11 @@ class Telemetry:
 
     def _beside(
         self, decision: Decision, shadow: tuple[Any, ...], candidate: Decision | None, version: str
-    ) -> tuple[str, bool]:
-        """Count the shadow rules' and the candidate's disagreements; their decision-log fields."""
+    ) -> tuple[str, str, bool]:
+        """Count the shadow rules' and the candidate's disagreements; their decision-log fields
+        (shadow, candidate) and whether the candidate disagrees."""
         m = self.metrics
-        parts = []
+        shadow_part = candidate_part = ""
         if shadow:
             for r in shadow:
                 self._child(m.shadow_disagreements, (r.rule, r.outcome)).inc()
@@ -539,19 +544,19 @@ class Telemetry:
                 f'{{"rule":{_str(r.rule)},"table":"{r.table}","outcome":"{r.outcome}","reason":"{r.reason}"}}'
                 for r in shadow
             )
-            parts.append(f',"shadow":[{items}]')
+            shadow_part = f',"shadow":[{items}]'
         differs = False
         if candidate is not None:
             differs = not same_answer(decision, candidate)
             if differs:
                 key = (decision.outcome.value, candidate.outcome.value, candidate.reason)
                 self._child(m.candidate_disagreements, key).inc()
-            parts.append(
+            candidate_part = (
                 f',"candidate":{{"outcome":"{candidate.outcome.value}","reason":"{candidate.reason}",'
-                f'"http_status":{candidate.http_status},"policy_version":{_str(version)},'
+                f'"http_status":{candidate.http_status},"policy_version":{_cap(version)},'
                 f'"agrees":{"false" if differs else "true"}}}'
             )
-        return "".join(parts), differs
+        return shadow_part, candidate_part, differs
 
     def flush(self) -> None:
         if self.decision_log is not None:
@@ -595,44 +600,71 @@ def decision_line(
     explain: bool,
     error: str,
     beside: str = "",
+    candidate: str = "",
+    sample: str = "",
 ) -> str:
     """The decision log line: the JSON `json.dumps` would write for these fields, built directly
     (it is written for every Check). Strings from a token or a peer are escaped; the others are
     policy ids, codes and hex that need no escaping, but go through the same escaper anyway where
-    a policy author could have chosen them."""
-    return _decision_line(end_ns, trace_id, span_id, f, method, grpc, duration, explain, error, beside, 0)
+    a policy author could have chosen them. `beside`, `candidate`, `sample`: the shadow rules',
+    the candidate policy's and the sampling fields (each "" or ',"key":...').
+
+    At most LINE_LIMIT bytes (every escape is ASCII, so characters are bytes). A line that would
+    be longer loses, in this order and only as far as needed, and then says `truncated: true`:
+    the shadow details; then rule lists beyond four ids each, ids beyond 64 characters and
+    strings beyond 16; then the candidate's details. The decision and `sample_rate` always stay."""
+    line = _decision_body(end_ns, trace_id, span_id, f, method, grpc, duration, explain, error, False)
+    if len(line) + len(beside) + len(candidate) + len(sample) + 2 <= LINE_LIMIT:
+        return line + beside + candidate + sample + "}\n"
+    tail = ',"truncated":true}\n'
+    if len(line) + len(candidate) + len(sample) + len(tail) <= LINE_LIMIT:
+        return line + candidate + sample + tail
+    line = _decision_body(end_ns, trace_id, span_id, f, method, grpc, duration, explain, error, True)
+    if len(line) + len(candidate) + len(sample) + len(tail) <= LINE_LIMIT:
+        return line + candidate + sample + tail
+    return line + sample + tail  # short: at most ~2,000 bytes whatever the policy and the caller
 
 
-def _decision_line(
+_COMPACT_CHARS = 16  # a string's characters in a compact line (at most 12 escaped bytes each)
+_COMPACT_RULES = 4  # rule ids per list in a compact line
+
+
+def _short(s: str) -> str:
+    """`_str(s)` of at most _COMPACT_CHARS characters (a trailing "…" when cut)."""
+    return _str(s if len(s) <= _COMPACT_CHARS else s[:_COMPACT_CHARS] + "…")
+
+
+def _short_ids(ids: list[str]) -> str:
+    return ",".join(_str(r if len(r) <= 64 else r[:64] + "…") for r in ids[:_COMPACT_RULES])
+
+
+def _decision_body(
     end_ns: int, trace_id: str, span_id: str, f: dict[str, Any], method: str, grpc: bool, duration: float,
-    explain: bool, error: str, beside: str, cut: int,
+    explain: bool, error: str, compact: bool,
 ) -> str:  # fmt: skip
-    """`cut` 0: the whole line; 1: without `beside`; 2: also only the first eight rule ids of each
-    list (ids are at most 64 characters, so the line is then short enough)."""
-    rules = ",".join(_str(r) for r in (f["rules"][:8] if cut == 2 else f["rules"]))
-    risk = ",".join(_str(r) for r in (f["risk_rules"][:8] if cut == 2 else f["risk_rules"]))
+    """The line without its closing brace; `compact`: the short form `decision_line` falls back to."""
+    cap = _short if compact else _cap
+    if compact:
+        rules, risk = _short_ids(f["rules"]), _short_ids(f["risk_rules"])
+        text: Callable[[str], str] = _short
+    else:
+        rules = ",".join(_str(r) for r in f["rules"])
+        risk = ",".join(_str(r) for r in f["risk_rules"])
+        text = _str
     extra = ',"explain":true' if explain else ""
     if error:
-        extra += ',"error":' + _cap(error)
-    line = (
+        extra += ',"error":' + cap(error)
+    return (
         f'{{"ts":{round(end_ns / 1e9, 6)},"event":"decision","trace_id":"{trace_id}","span_id":"{span_id}",'
         f'"decision_id":"{f["decision_id"]}","outcome":"{f["outcome"]}","reason":"{f["reason"]}",'
-        f'"http_status":{f["http_status"]},"rules":[{rules}],"sensitivity":{_str(f["sensitivity"])},'
-        f'"required_assurance":{_str(f["required_assurance"])},"required_max_age":{f["required_max_age"]},'
-        f'"risk_rules":[{risk}],"presented_assurance":{_str(f["presented_assurance"])},'
-        f'"subject":{_cap(f["subject"])},"issuer":{_cap(f["issuer"])},"principal":{_cap(f["principal"])},'
-        f'"credential":"{f["credential"]}","policy_version":{_str(f["policy_version"])},'
-        f'"method":{_cap(method)},"grpc":{"true" if grpc else "false"},'
+        f'"http_status":{f["http_status"]},"rules":[{rules}],"sensitivity":{text(f["sensitivity"])},'
+        f'"required_assurance":{text(f["required_assurance"])},"required_max_age":{f["required_max_age"]},'
+        f'"risk_rules":[{risk}],"presented_assurance":{text(f["presented_assurance"])},'
+        f'"subject":{cap(f["subject"])},"issuer":{cap(f["issuer"])},"principal":{cap(f["principal"])},'
+        f'"credential":"{f["credential"]}","policy_version":{text(f["policy_version"])},'
+        f'"method":{cap(method)},"grpc":{"true" if grpc else "false"},'
         f'"duration_us":{round(duration * 1e6, 1)}{extra}'
     )
-    if cut == 0 and len(line) + len(beside) + 2 <= LINE_LIMIT:
-        return line + beside + "}\n"
-    # Still too long (a policy whose many shadow rules all matched, say): the shadow and candidate
-    # details go, the decision stays; `truncated` says so.
-    line += ',"truncated":true'
-    if len(line) + 2 > LINE_LIMIT and cut < 2:
-        return _decision_line(end_ns, trace_id, span_id, f, method, grpc, duration, explain, error, "", 2)
-    return line + "}\n"
 
 
 def trace_ids(headers: Mapping[str, str]) -> tuple[str, str]:
@@ -640,6 +672,14 @@ def trace_ids(headers: Mapping[str, str]) -> tuple[str, str]:
     the decision log when nothing is traced; ("", "") when there are none or they are malformed."""
     tp = headers.get("traceparent")
     if tp is not None:
+        # The common case, version 00 and well-formed: the ids are the header's own hex.
+        if len(tp) == 55 and tp[:3] == "00-" and tp[35] == "-" and tp[52] == "-":
+            tid, sid = tp[3:35], tp[36:52]
+            if (
+                _HEX.issuperset(tid) and _HEX.issuperset(sid) and _HEX.issuperset(tp[53:55])
+                and tid != _ZERO_TRACE and sid != _ZERO_SPAN
+            ):  # fmt: skip
+                return tid, sid
         sc = _parse_traceparent(tp)
         return (format(sc.trace_id, "032x"), format(sc.span_id, "016x")) if sc is not None else ("", "")
     b3 = headers.get("b3")

@@ -7,6 +7,8 @@ import time
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
@@ -182,11 +184,79 @@ def test_a_line_still_too_long_keeps_the_decision_and_says_truncated() -> None:
     jsonschema.validate(doc, _LINE_SCHEMA)
     assert doc["truncated"] is True and "shadow" not in doc
     assert (doc["decision_id"], doc["outcome"], doc["reason"]) == ("0123456789abcdef", "allow", "allowed")
-    assert doc["rules"] == [f"rule-{i:058d}" for i in range(8)]
+    assert doc["rules"] == [f"rule-{i:058d}" for i in range(4)]
     short = decision_line(1_800_000_000_000_000_000, "", "", decision_fields(
         _Decision(_Outcome.ALLOW, "allowed", 200, matched_rules=("a",)), "0123456789abcdef", "p@1"),
         "GET", False, 0.0001, False, "", shadow[:200] + "]")  # fmt: skip
     assert "truncated" not in short
+
+
+_CANDIDATE = ',"candidate":{"outcome":"deny","reason":"permission_denied","http_status":403,"policy_version":"c@1","agrees":false}'
+
+
+def test_the_round_2_line_keeps_its_candidate_and_sample_rate_within_the_limit() -> None:
+    """Red-team round 2: ten risk rules with 128-character ids and three capped strings made a
+    schema-valid line of 4,337 bytes; and truncation dropped `sample_rate` and `candidate`."""
+    import jsonschema
+
+    from sidecar.assurance import Requirement
+
+    long = "\U0001f600" * 300
+    risk = tuple(f"r{i}" + "x" * 126 for i in range(10))
+    ident = _Identity("bearer", principal=long, issuer_id="dev", issuer=long, subject=long)
+    req = Requirement("high", False, 1, 300, frozenset(), risk)
+    d = _Decision(_Outcome.ALLOW, "allowed", 200, identity=ident, requirement=req,
+                  matched_rules=("transfer", "customers", *risk))  # fmt: skip
+    fields = decision_fields(d, "0123456789abcdef", "p@1")
+    item = '{"rule":"s%s","table":"sensitivity","outcome":"deny","reason":"permission_denied"}'
+    shadow = ',"shadow":[' + ",".join(item.replace("%s", str(i)) for i in range(3)) + "]"
+    line = decision_line(1_800_000_000_000_000_000, "ab" * 16, "cd" * 8, fields, long, True, 0.0001, False,
+                         long, shadow, _CANDIDATE, ',"sample_rate":0.5')  # fmt: skip
+    assert len(line.encode()) <= 4096
+    doc = _json.loads(line)
+    jsonschema.validate(doc, _LINE_SCHEMA)
+    assert doc["truncated"] is True and "shadow" not in doc
+    assert doc["sample_rate"] == 0.5 and doc["candidate"]["reason"] == "permission_denied"
+    assert (doc["outcome"], doc["reason"], doc["decision_id"]) == ("allow", "allowed", "0123456789abcdef")
+    assert len(doc["risk_rules"]) == 4 and all(len(r) <= 65 for r in doc["risk_rules"])
+    assert doc["subject"] == long[:16] + "…"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    text=st.text(min_size=0, max_size=600),
+    n_rules=st.integers(0, 200),
+    id_len=st.integers(1, 128),
+    shadows=st.integers(0, 80),
+    candidate=st.booleans(),
+    sample=st.booleans(),
+)
+def test_no_decision_line_is_longer_than_a_pipe_writes_at_once(
+    text: str, n_rules: int, id_len: int, shadows: int, candidate: bool, sample: bool
+) -> None:
+    """Whatever the caller sends and however large the policy: at most 4096 bytes, valid against
+    the schema, the decision and sample_rate always there."""
+    import jsonschema
+
+    from sidecar.assurance import Requirement
+
+    ids = tuple(f"{i}-" + "r" * id_len for i in range(n_rules))
+    ident = _Identity("bearer", principal=text, issuer_id="dev", issuer=text, subject=text)
+    req = Requirement(text, False, 1, 300, frozenset(), ids)
+    d = _Decision(_Outcome.STEP_UP, "acr_too_low", 401, identity=ident, requirement=req, matched_rules=ids,
+                  sensitivity=text, required_assurance=text, presented_assurance=text)  # fmt: skip
+    fields = decision_fields(d, "0123456789abcdef", text)
+    item = '{"rule":"s%s","table":"sensitivity","outcome":"deny","reason":"permission_denied"}'
+    shadow = ',"shadow":[' + ",".join(item.replace("%s", str(i)) for i in range(shadows)) + "]" if shadows else ""
+    line = decision_line(1_800_000_000_000_000_000, "ab" * 16, "cd" * 8, fields, text, True, 0.0001, True, text,
+                         shadow, _CANDIDATE if candidate else "", ',"sample_rate":0.25' if sample else "")  # fmt: skip
+    assert len(line.encode()) <= 4096 and line.endswith("}\n") and line.count("\n") == 1
+    doc = _json.loads(line)
+    jsonschema.validate(doc, _LINE_SCHEMA)
+    assert (doc["outcome"], doc["reason"], doc["http_status"]) == ("step_up", "acr_too_low", 401)
+    assert ("sample_rate" in doc) == sample
+    if "truncated" not in doc:
+        assert doc["rules"] == list(ids) and ("candidate" in doc) == candidate and ("shadow" in doc) == bool(shadows)
 
 
 @pytest.mark.parametrize(

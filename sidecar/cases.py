@@ -88,6 +88,25 @@ class BuiltRequest:
 
 _EPOCH = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
 _LATEST = 253402300799.0  # 9999-12-31T23:59:59Z: later instants have no date to show
+_AGE = re.compile(r"[0-9]{1,12}[smhd]?")  # ASCII digits only: "²".isdigit(), but int("²") fails
+MAX_CLAIM_DEPTH = 64  # JSON's encoder and the Struct of jwt_authn metadata run out of stack deeper
+_MAX_CLAIM_VALUES = 100_000  # YAML aliases can make a small file a huge (or endless) claim set
+_DOUBLE_MAX = 2**1024  # the first integer a double (jwt_authn metadata's number) cannot hold
+
+
+def _text(value: Any, where: str) -> str:
+    """The value as text a CheckRequest can carry: UTF-8 cannot encode a lone surrogate (YAML's
+    "\\udc80", JSON's too, or a command-line byte that is not UTF-8)."""
+    text = str(value)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise CaseError(
+                f"{where}: {text!r} is not text UTF-8 can carry (a lone surrogate,"
+                f" U+{ord(text[e.start]):04X}, at character {e.start})"
+            ) from None
+    return text
 
 
 def parse_time(value: Any, where: str) -> float:
@@ -137,25 +156,27 @@ def build_request(
             raise CaseError(f"{where}: `raw` is a whole CheckRequest: nothing but `at` goes with it")
         try:
             check = json_format.ParseDict(raw["raw"], external_auth_pb2.CheckRequest())
-        except json_format.ParseError as e:
+        except (json_format.ParseError, ValueError, OverflowError, RecursionError) as e:
+            # ValueError includes a string UTF-8 cannot carry; OverflowError a number beyond a
+            # double in a Struct (metadata).
             raise CaseError(f"{where}.raw: not a CheckRequest: {e}") from None
         return BuiltRequest(check, at)
 
     grpc = False
     if "grpc" in raw:
-        method, path, grpc = "POST", str(raw["grpc"]), True
+        method, path, grpc = "POST", _text(raw["grpc"], f"{where}.grpc"), True
     elif "http" in raw:
-        method, _, path = str(raw["http"]).partition(" ")
+        method, _, path = _text(raw["http"], f"{where}.http").partition(" ")
         if not path:
             raise CaseError(f"{where}.http: write the method, then the path: 'GET /v1/accounts/7'")
     elif "path" in raw:
-        method, path = str(raw.get("method", "GET")), str(raw["path"])
+        method, path = "GET", _text(raw["path"], f"{where}.path")
     else:
         raise CaseError(
             f'{where}: say which call: `http: "GET /path"`, `grpc: /pkg.Service/Method` or `path:`'
         )
     if "method" in raw:
-        method = str(raw["method"])
+        method = _text(raw["method"], f"{where}.method")
 
     headers: list[tuple[str, str]] = []
     if grpc:
@@ -163,17 +184,19 @@ def build_request(
     extra = raw.get("headers", {})
     if not isinstance(extra, Mapping):
         raise CaseError(f"{where}.headers: a mapping of header names to values")
-    headers += [(str(k).lower(), str(v)) for k, v in extra.items()]
+    headers += [
+        (_text(k, f"{where}.headers").lower(), _text(v, f"{where}.headers.{k!s}")) for k, v in extra.items()
+    ]
 
     presets: dict[str, dict[str, Any]] = {}
     jwt_authn: dict[str, Any] | None = None
     if "token" in raw and "claims" in raw:
         raise CaseError(f"{where}: give `claims` (taken as verified) or a real `token`, not both")
     if "token" in raw:
-        headers.append(("authorization", f"Bearer {raw['token']}"))
+        headers.append(("authorization", f"Bearer {_text(raw['token'], f'{where}.token')}"))
     elif "claims" in raw:
-        claims = _claims(raw, policy, at, where)
         via = raw.get("via", "bearer")
+        claims = _claims(raw, policy, at, where, metadata=via == "jwt_authn")
         if via == "bearer":
             placeholder = PLACEHOLDER_PREFIX + secrets.token_hex(8)  # unique: identities are memoised
             presets[placeholder] = claims
@@ -187,14 +210,20 @@ def build_request(
             raise CaseError(f"{where}.via: bearer or jwt_authn, not {via!r}")
 
     http = attribute_context_pb2.AttributeContext.HttpRequest(
-        method=method, path=path, host=str(raw.get("host", "bank.example.test"))
+        method=method, path=path, host=_text(raw.get("host", "bank.example.test"), f"{where}.host")
     )
     pairs: list[tuple[str, bytes]] = [(k, v.encode()) for k, v in headers]
     if "header_map" in raw:
         hm = raw["header_map"]
         if not isinstance(hm, list) or not all(isinstance(x, list | tuple) and len(x) == 2 for x in hm):
             raise CaseError(f"{where}.header_map: a list of [name, value] pairs")
-        pairs += [(str(k), v if isinstance(v, bytes) else str(v).encode()) for k, v in hm]
+        pairs += [
+            (
+                _text(k, f"{where}.header_map[{i}][0]"),
+                v if isinstance(v, bytes) else _text(v, f"{where}.header_map[{i}][1]").encode(),
+            )
+            for i, (k, v) in enumerate(hm)
+        ]
     if "header_map" in raw or len({k for k, _ in headers}) != len(headers):
         # As Envoy sends them with encode_raw_headers: repeated keys kept apart.
         http.header_map.CopyFrom(
@@ -205,16 +234,24 @@ def build_request(
     attrs = attribute_context_pb2.AttributeContext(
         request=attribute_context_pb2.AttributeContext.Request(http=http)
     )
-    attrs.source.address.socket_address.address = str(raw.get("source", "127.0.0.1"))
+    attrs.source.address.socket_address.address = _text(raw.get("source", "127.0.0.1"), f"{where}.source")
     if raw.get("principal"):
-        attrs.source.principal = str(raw["principal"])
+        attrs.source.principal = _text(raw["principal"], f"{where}.principal")
     ext = raw.get("context_extensions", {})
     if not isinstance(ext, Mapping):
         raise CaseError(f"{where}.context_extensions: a mapping")
-    attrs.context_extensions.update({str(k): str(v) for k, v in ext.items()})
+    attrs.context_extensions.update(
+        {
+            _text(k, f"{where}.context_extensions"): _text(v, f"{where}.context_extensions.{k!s}")
+            for k, v in ext.items()
+        }
+    )
     if jwt_authn is not None:
         st = struct_pb2.Struct()
-        st.update(json.loads(json.dumps(jwt_authn)))
+        try:
+            st.update(jwt_authn)  # checked by _claims: depth, text, numbers a double holds
+        except (ValueError, OverflowError, TypeError, RecursionError) as e:
+            raise CaseError(f"{where}.claims: not what jwt_authn metadata can carry: {e}") from None
         attrs.metadata_context.filter_metadata[JWT_AUTHN_NAMESPACE].CopyFrom(st)
     return BuiltRequest(external_auth_pb2.CheckRequest(attributes=attrs), at, presets, grpc)
 
@@ -229,11 +266,20 @@ def _issuer(raw: Mapping[str, Any], policy: Policy, where: str) -> Any:
     return policy.issuers[0]
 
 
-def _claims(raw: Mapping[str, Any], policy: Policy, at: float, where: str) -> dict[str, Any]:
+def _claims(
+    raw: Mapping[str, Any], policy: Policy, at: float, where: str, *, metadata: bool = False
+) -> dict[str, Any]:
+    """The claims as JSON (a date as its text), with iss/aud/iat/exp/auth_time filled in.
+    `metadata`: they travel as jwt_authn metadata, a protobuf Struct, which holds neither text
+    UTF-8 cannot encode nor a number beyond a double (a bearer token's JSON holds both)."""
     claims = raw["claims"]
     if not isinstance(claims, Mapping):
         raise CaseError(f"{where}.claims: the token's claims, a mapping")
-    out: dict[str, Any] = json.loads(json.dumps(claims, default=str))
+    _check_claims(claims, f"{where}.claims", metadata=metadata)
+    try:
+        out: dict[str, Any] = json.loads(json.dumps(claims, default=str))
+    except (ValueError, TypeError, RecursionError) as e:  # after the checks, a safety net only
+        raise CaseError(f"{where}.claims: not JSON: {e}") from None
     issuer = _issuer(raw, policy, where)
     out.setdefault("iss", issuer.issuer)
     if issuer.audiences:
@@ -242,13 +288,13 @@ def _claims(raw: Mapping[str, Any], policy: Policy, at: float, where: str) -> di
     out.setdefault("exp", int(at) + 3600)
     if "auth_age" in raw:
         age_v = raw["auth_age"]
-        if isinstance(age_v, str) and age_v.strip().isdigit():  # plain seconds, as from --auth-age
-            age_v = int(age_v)
+        if isinstance(age_v, str) and age_v.strip().isascii() and age_v.strip().isdigit():
+            age_v = int(age_v)  # plain seconds, as from --auth-age
         try:
-            if isinstance(age_v, bool):
+            if isinstance(age_v, bool) or (isinstance(age_v, str) and not _AGE.fullmatch(age_v)):
                 raise ValueError
             age = parse_duration(age_v)
-            if age < 0:
+            if not 0 <= age <= _LATEST:
                 raise ValueError
         except (ValueError, KeyError, TypeError, IndexError):
             raise CaseError(
@@ -256,6 +302,42 @@ def _claims(raw: Mapping[str, Any], policy: Policy, at: float, where: str) -> di
             ) from None
         out[issuer.claims.auth_time] = int(at) - age
     return out
+
+
+def _check_claims(claims: Mapping[str, Any], where: str, *, metadata: bool) -> None:
+    """Refuse, at its place, what the claims cannot be turned into: nesting deeper than
+    MAX_CLAIM_DEPTH (checked in a loop: recursion is what would fail), a name that is not text
+    (JSON's object keys are strings), and for `metadata` a string UTF-8 cannot encode or an
+    integer a double cannot hold."""
+    todo: list[tuple[Any, str, int]] = [(claims, where, 0)]
+    seen = 0
+    while todo:
+        value, place, depth = todo.pop()
+        seen += 1
+        if seen > _MAX_CLAIM_VALUES:
+            raise CaseError(f"{where}: more than {_MAX_CLAIM_VALUES} values (YAML aliases?)")
+        if isinstance(value, Mapping | list | tuple) and depth >= MAX_CLAIM_DEPTH:
+            top = place[len(where) :].lstrip(".").split(".")[0].split("[")[0]
+            raise CaseError(
+                f"{where}{'.' + top if top else ''}: nested more than {MAX_CLAIM_DEPTH} levels deep"
+            )
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                if not isinstance(k, str | int | float | bool) and k is not None:
+                    raise CaseError(f"{place}: the claim name {k!r} is not text")
+                if metadata and isinstance(k, str):
+                    _text(k, place)
+                todo.append((v, f"{place}.{k}", depth + 1))
+        elif isinstance(value, list | tuple):
+            todo.extend((v, f"{place}[{i}]", depth + 1) for i, v in enumerate(value))
+        elif metadata and isinstance(value, str):
+            _text(value, place)
+        elif metadata and isinstance(value, int) and not -_DOUBLE_MAX < value < _DOUBLE_MAX:
+            digits = len(str(abs(value))) if abs(value) < 10**4000 else "thousands of"
+            raise CaseError(
+                f"{place}: an integer of {digits} digits, beyond what jwt_authn metadata (a"
+                " protobuf Struct, whose numbers are doubles) can carry"
+            )
 
 
 class PresetVerifier(Verifier):

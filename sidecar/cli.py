@@ -328,6 +328,8 @@ def parse_claim(text: str) -> tuple[str, Any]:
         value: Any = json.loads(raw)
     except ValueError:
         value = raw
+    except RecursionError:  # a value nested thousands deep: refused, not taken as a string
+        raise ValueError(f"--claim {path}: the value is nested too deeply") from None
     return path, value
 
 
@@ -340,17 +342,28 @@ def _explain(args: argparse.Namespace) -> int:
 
     desc: dict[str, Any] = {}
     if args.request:
-        import yaml
+        from sidecar.policyfile import YAMLProblem, load_yaml
 
         try:
-            loaded = yaml.safe_load(Path(args.request).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
-            print(f"stepup-sidecar explain: {args.request}: {e}", file=sys.stderr)
+            loaded = load_yaml(Path(args.request).read_text(encoding="utf-8"))
+        except OSError as e:
+            print(f"stepup-sidecar explain: {args.request}: cannot read: {e.strerror}", file=sys.stderr)
+            return 2
+        except YAMLProblem as e:
+            print(f"stepup-sidecar explain: {e.at(args.request)}", file=sys.stderr)
             return 2
         except UnicodeDecodeError as e:
             print(f"stepup-sidecar explain: {args.request}: not UTF-8 text (byte {e.start})", file=sys.stderr)
             return 2
-        desc = dict(loaded.get("request", loaded)) if isinstance(loaded, dict) else {}
+        request = loaded.get("request", loaded) if isinstance(loaded, dict) else None
+        if not isinstance(request, dict):
+            print(
+                f"stepup-sidecar explain: {args.request}: a request description is a mapping"
+                " (or a test case, with `request:` a mapping)",
+                file=sys.stderr,
+            )
+            return 2
+        desc = dict(request)
     for flag, key in (
         ("http", "http"),
         ("grpc", "grpc"),
@@ -396,13 +409,27 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _dev_token(args: argparse.Namespace) -> int:
     from joserfc import jwt
+    from joserfc.errors import JoseError
     from joserfc.jwk import import_key
 
-    data = json.loads(Path(args.key).read_text())
-    if data.get("kid", "").startswith("dev-") is False and not args.allow_any_key:
+    try:
+        data = json.loads(Path(args.key).read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JWK (a JSON object)")
+    except OSError as e:
+        print(f"stepup-sidecar dev-token: --key {args.key}: cannot read: {e.strerror}", file=sys.stderr)
+        return 2
+    except (ValueError, RecursionError) as e:
+        print(f"stepup-sidecar dev-token: --key {args.key}: {e}", file=sys.stderr)
+        return 2
+    if str(data.get("kid", "")).startswith("dev-") is False and not args.allow_any_key:
         print("refusing: this is not the example development key (use --allow-any-key)", file=sys.stderr)
         return 2
-    key = import_key(data)
+    try:
+        key = import_key(data)
+    except (JoseError, ValueError, TypeError) as e:
+        print(f"stepup-sidecar dev-token: --key {args.key}: not a usable private JWK: {e}", file=sys.stderr)
+        return 2
     now = int(time.time())
     claims: dict[str, Any] = {
         "iss": args.issuer,
@@ -422,9 +449,12 @@ def _dev_token(args: argparse.Namespace) -> int:
         claims["amr"] = [m for m in args.amr.split(",") if m]
     try:
         if args.claims_file:
-            import yaml
+            from sidecar.policyfile import YAMLProblem, load_yaml
 
-            extra = yaml.safe_load(Path(args.claims_file).read_text(encoding="utf-8"))
+            try:
+                extra = load_yaml(Path(args.claims_file).read_text(encoding="utf-8"))
+            except YAMLProblem as e:
+                raise ValueError(e.at(args.claims_file)) from None
             if not isinstance(extra, dict):
                 raise ValueError(f"{args.claims_file}: not a mapping of claims")
             claims.update(extra)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -104,25 +105,14 @@ class Document:
             self._marks = {}
             if self.text is None:
                 return self._marks
-            node = yaml.compose(self.text, Loader=_Loader)
+            try:
+                node = yaml.compose(self.text, Loader=_Loader)
+            except yaml.YAMLError:
+                # JSON that YAML cannot read (a "\udc80" escape, say): problems stay at 1:1.
+                return self._marks
             if node is not None:
-                self._walk(node, ())
+                self._marks = _node_marks(node)
         return self._marks
-
-    def _walk(self, node: yaml.Node, path: PathT) -> None:
-        assert self._marks is not None
-        self._marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
-        if isinstance(node, yaml.MappingNode):
-            seen: set[str] = set()
-            for knode, vnode in node.value:
-                key = knode.value if isinstance(knode, yaml.ScalarNode) else repr(knode)
-                if key in seen:
-                    raise _DupKey(path, key, knode.start_mark.line + 1, knode.start_mark.column + 1)
-                seen.add(key)
-                self._walk(vnode, (*path, key))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                self._walk(v, (*path, i))
 
     def problem(self, path: PathT, message: str) -> Problem:
         marks = self.marks()
@@ -133,6 +123,131 @@ class Document:
         return Problem(self.file, line, col, _where(path), message)
 
 
+def _node_marks(root: yaml.Node) -> dict[PathT, tuple[int, int]]:
+    """The line and column of every node by its path (a loop, not recursion: a document nested
+    a thousand deep is located too). Raises _DupKey at a mapping's second use of a key."""
+    marks: dict[PathT, tuple[int, int]] = {}
+    todo: list[tuple[yaml.Node, PathT]] = [(root, ())]
+    while todo:
+        node, path = todo.pop()
+        marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for knode, vnode in node.value:
+                key = knode.value if isinstance(knode, yaml.ScalarNode) else repr(knode)
+                if key in seen:
+                    raise _DupKey(path, key, knode.start_mark.line + 1, knode.start_mark.column + 1)
+                seen.add(key)
+                todo.append((vnode, (*path, key)))
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend((v, (*path, i)) for i, v in enumerate(node.value))
+    return marks
+
+
+class ScalarError(yaml.constructor.ConstructorError):
+    """A scalar YAML resolved (or was tagged) as a type it is not: `2026-02-30` (a date that does
+    not exist), `!!int x`, `0b_`, a 5,000-digit integer. PyYAML raises a bare ValueError, KeyError
+    or AttributeError for these, with no place; this one has the scalar's mark."""
+
+
+_SCALAR_TYPES = {
+    "tag:yaml.org,2002:timestamp": "a date or time",
+    "tag:yaml.org,2002:int": "an integer",
+    "tag:yaml.org,2002:float": "a number",
+    "tag:yaml.org,2002:bool": "a boolean",
+}
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
+
+
+def _located_scalars(cls: type[yaml.SafeLoader]) -> type[yaml.SafeLoader]:
+    """The loader class with its scalar constructors raising ScalarError for what they cannot
+    construct (the common case, a scalar that constructs, costs one try block)."""
+    for tag, what in _SCALAR_TYPES.items():
+        construct = cls.yaml_constructors[tag]
+
+        def located(loader: Any, node: Any, construct: Any = construct, what: str = what) -> Any:
+            try:
+                return construct(loader, node)
+            except (ValueError, KeyError, AttributeError, OverflowError) as e:
+                why = ""
+                if what == "a date or time" and isinstance(e, ValueError):
+                    why = f" ({e})"  # "day is out of range for month"
+                elif what == "an integer" and len(str(node.value)) > 4000:
+                    why = " (more digits than a number may have)"
+                raise ScalarError(
+                    None, None, f"{_short(str(node.value))} is not {what}{why}", node.start_mark
+                ) from None
+
+        cls.add_constructor(tag, located)
+    return cls
+
+
+@_located_scalars
+class SafeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """yaml.SafeLoader (libyaml when available: it refuses nesting past 1,000 levels, where the
+    pure-Python composer would run out of stack) whose scalars that cannot be constructed fail
+    with ScalarError, for the test files and request descriptions of `test` and `explain`."""
+
+
+class YAMLProblem(ValueError):
+    """Why a YAML text could not be loaded, with its line and column when known (`str()`: the
+    place and the problem, `3:9: cases[0].request.at: '2026-02-30' is not a date or time`)."""
+
+    def __init__(self, message: str, line: int | None = None, column: int | None = None) -> None:
+        super().__init__(f"{line}:{column}: {message}" if line is not None else message)
+        self.message, self.line, self.column = message, line, column
+
+    def at(self, file: object) -> str:
+        """The problem prefixed by the file, as `file:line:col: ...` or `file: ...`."""
+        return f"{file}:{self}" if self.line is not None else f"{file}: {self}"
+
+
+def load_yaml(text: str) -> Any:
+    """The document of a test file or request description. Raises YAMLProblem naming the line,
+    the column, the place when it can be named and the problem: invalid YAML, a scalar that is
+    not what it resolved as (`2026-02-30`), nesting too deep."""
+    try:
+        return yaml.load(text, Loader=SafeLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ScalarError as e:
+        mark = e.problem_mark
+        assert mark is not None  # ScalarError always has the scalar's mark
+        where = yaml_place(text, mark)
+        message = f"{where}: {e.problem}" if where else str(e.problem)
+        raise YAMLProblem(message, mark.line + 1, mark.column + 1) from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        if mark is None:
+            raise YAMLProblem(f"invalid YAML: {e.problem}") from None
+        raise YAMLProblem(f"invalid YAML: {e.problem}", mark.line + 1, mark.column + 1) from None
+    except yaml.YAMLError as e:
+        raise YAMLProblem(f"invalid YAML: {e}") from None
+    except RecursionError:
+        raise YAMLProblem("invalid YAML: nested too deeply") from None
+
+
+def yaml_place(text: str, mark: Any) -> str:
+    """The place in the document (`cases[0].request.at`) of the node that starts at `mark`, or ""
+    when the text cannot be composed."""
+    try:
+        node = yaml.compose(text, Loader=SafeLoader)
+    except (yaml.YAMLError, RecursionError):
+        return ""
+    if node is None:
+        return ""
+    try:
+        marks = _node_marks(node)
+    except _DupKey:
+        return ""
+    at = (mark.line + 1, mark.column + 1)
+    # The deepest node starting there: a mapping and its first key's value can share a mark.
+    found = [path for path, m in marks.items() if m == at]
+    return _where(max(found, key=len)) if found else ""
+
+
+@_located_scalars
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """SafeLoader (libyaml when available) that refuses duplicate mapping keys."""
 
@@ -178,12 +293,19 @@ def parse_text(text: str, file: str) -> Document:
         raise PolicyError(
             [Problem(file, e.line, e.column, _where((*e.path, e.key)), "duplicate key")]
         ) from None
+    except ScalarError as e:
+        mark = e.problem_mark
+        assert mark is not None  # ScalarError always has the scalar's mark
+        where = yaml_place(text, mark)
+        raise PolicyError([Problem(file, mark.line + 1, mark.column + 1, where, str(e.problem))]) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         raise PolicyError([Problem(file, line, col, "", f"invalid YAML: {e.problem}")]) from None
     except yaml.YAMLError as e:
         raise PolicyError([Problem(file, 1, 1, "", f"invalid YAML: {e}")]) from None
+    except RecursionError:  # PyYAML's own composer, without libyaml (which stops at 1,000 levels)
+        raise PolicyError([Problem(file, 1, 1, "", "invalid YAML: nested too deeply")]) from None
     return _validated(doc)
 
 
@@ -195,9 +317,84 @@ def _parse_json(text: str, file: str) -> Document:
     except ValueError as e:
         line, col = (e.lineno, e.colno) if isinstance(e, json.JSONDecodeError) else (1, 1)
         raise PolicyError([Problem(file, line, col, "", f"invalid JSON: {e}")]) from None
+    except RecursionError:
+        line, col = _too_deep_at(text)
+        raise PolicyError(
+            [Problem(file, line, col, "", f"invalid JSON: nested more than {MAX_DEPTH} levels deep")]
+        ) from None
     doc = Document(file, None, data)
     doc.text = text  # for locating problems (YAML reads JSON) only when there are some
+    if _SURROGATE_ESCAPE.search(text):  # rare (an emoji escaped as a pair): only then a walk
+        for path, value in _strings(data):
+            if not _utf8(value):
+                raise PolicyError(
+                    [doc.problem(path, f"{_short(value)} is not text (a lone surrogate escape)")]
+                )
     return _validated(doc)
+
+
+# A policy needs a handful of levels; deeper is refused where it would otherwise exhaust the stack.
+MAX_DEPTH = 64
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]')
+
+
+def _too_deep_at(text: str) -> tuple[int, int]:
+    """The line and column of the bracket that opens level MAX_DEPTH + 1 of a JSON text (1:1 if
+    none does)."""
+    depth = 0
+    for m in _JSON_TOKEN.finditer(text):
+        tok = m.group()
+        if tok in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = text.count("\n", 0, m.start()) + 1
+                return line, m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+        elif tok in "]}":
+            depth -= 1
+    return 1, 1
+
+
+def _too_deep(data: Any) -> PathT | None:
+    """The path of the first node more than MAX_DEPTH levels down (None: there is none); a loop,
+    so it works where recursion ran out."""
+    todo: list[tuple[Any, PathT]] = [(data, ())]
+    while todo:
+        node, path = todo.pop()
+        if len(path) > MAX_DEPTH:
+            return path
+        if isinstance(node, dict):
+            todo.extend((v, (*path, str(k))) for k, v in node.items())
+        elif isinstance(node, list):
+            todo.extend((v, (*path, i)) for i, v in enumerate(node))
+    return None
+
+
+def _strings(data: Any) -> Iterator[tuple[PathT, str]]:
+    """Every string of a document (keys too, at their mapping's path), with its path."""
+    todo: list[tuple[Any, PathT]] = [(data, ())]
+    while todo:
+        node, path = todo.pop()
+        if isinstance(node, str):
+            yield path, node
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                if isinstance(k, str):
+                    yield path, k
+                todo.append((v, (*path, str(k))))
+        elif isinstance(node, list):
+            todo.extend((v, (*path, i)) for i, v in enumerate(node))
+
+
+def _utf8(text: str) -> bool:
+    """Whether UTF-8 can carry the text (it cannot carry a lone surrogate such as "\\udc80")."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -212,7 +409,12 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _validated(doc: Document) -> Document:
     data = doc.data
     problems: list[Problem] = []
-    for path, message in _problems(data):
+    try:
+        found = _problems(data)
+    except RecursionError:  # jsonschema descends (and reprs) a deeply nested value
+        deep = _too_deep(data) or ()
+        found = [(deep[:3], f"nested more than {MAX_DEPTH} levels deep")]  # where it starts
+    for path, message in found:
         problems.append(doc.problem(path, message))
     if problems:
         raise PolicyError(problems)

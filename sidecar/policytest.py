@@ -37,12 +37,11 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
-import yaml
-
 from sidecar.cases import CaseError, PresetVerifier, build_request
 from sidecar.compiler import load_policy
 from sidecar.decision import Decision
 from sidecar.policy import Policy
+from sidecar.policyfile import YAMLProblem, load_yaml
 from sidecar.runtime import Runtime, wire_answer
 from sidecar.telemetry import Metrics, Telemetry
 
@@ -117,13 +116,13 @@ def _expect_problem(expect: Mapping[str, Any]) -> str | None:
 
 def load_suite(path: Path) -> Suite:
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = load_yaml(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise SuiteError(f"{path}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise SuiteError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except yaml.YAMLError as e:
-        raise SuiteError(f"{path}: invalid YAML: {e}") from None
+    except YAMLProblem as e:
+        raise SuiteError(e.at(path)) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("cases"), list):
         raise SuiteError(f"{path}: a test file is a mapping with a `cases` list (and optionally `policy`)")
     unknown = set(doc) - {"policy", "cases"}

@@ -1,0 +1,267 @@
+"""Hostile input to the offline tools (`test`, `explain`, `validate`, `dev-token`): every one gets
+exit 2 (or a failed case) with the file, the place and the problem, never a traceback.
+
+Found by fuzzing the tools after the hardening issue: YAML that resolves a scalar as a type it
+cannot construct (`2026-02-30`), nesting deeper than Python's stack, text UTF-8 cannot carry (a
+lone surrogate escape), integers beyond a double in jwt_authn metadata, non-ASCII digits.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar.cli import main
+from sidecar.policyfile import PolicyError, parse_text
+from tests.helpers import EXAMPLE_POLICY, ROOT, example_policy_text
+
+BALANCE = "GET /v1/accounts/7/balance"
+DEEP_100 = "[" * 100 + "]" * 100
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+def suite(tmp_path: Path, cases: str) -> Path:
+    path = tmp_path / "t.yaml"
+    path.write_text(f"policy: {EXAMPLE_POLICY}\ncases:\n{cases}", encoding="utf-8")
+    return path
+
+
+# --- test files --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "place"),
+    [
+        ('- name: d\n  request: {http: "GET /healthz", at: 2026-02-30}\n  expect: {outcome: allow}\n',
+         "t.yaml:4:39: cases[0].request.at: '2026-02-30' is not a date or time (day is out of range for month)"),
+        ('- name: d\n  request: {http: "GET /healthz"}\n  expect: {outcome: 2026-13-01}\n',
+         "t.yaml:5:21: cases[0].expect.outcome: '2026-13-01' is not a date or time (month must be in 1..12)"),
+        ("- name: d\n  request: {http: \"GET /healthz\", claims: {n: !!int x}}\n",
+         "t.yaml:4:47: cases[0].request.claims.n: 'x' is not an integer"),
+    ],
+)  # fmt: skip
+def test_a_scalar_yaml_cannot_construct_is_exit_2_at_its_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, place: str
+) -> None:
+    code, _, err = run(capsys, "test", str(suite(tmp_path, case)))
+    assert code == 2
+    assert err.strip() == f"stepup-sidecar test: {tmp_path}/{place}"
+
+
+@pytest.mark.parametrize("where", ["request.claims", "expect.upstream", "request.raw.attributes"])
+def test_a_test_file_nested_thousands_deep_is_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    deep = "[" * 3000 + "]" * 3000
+    section, _, key = where.partition(".")
+    if section == "request":
+        request = '{http: "GET /healthz", claims: {x: ' + deep + "}}" if key == "claims" else "{raw: {x: " + deep + "}}"
+        case = f"- name: d\n  request: {request}\n  expect: {{outcome: allow}}\n"
+    else:
+        case = '- name: d\n  request: {http: "GET /healthz"}\n' f"  expect: {{upstream: {{x: {deep}}}}}\n"
+    code, _, err = run(capsys, "test", str(suite(tmp_path, case)))
+    assert code == 2
+    assert err.startswith(f"stepup-sidecar test: {tmp_path}/t.yaml:4:") or err.startswith(
+        f"stepup-sidecar test: {tmp_path}/t.yaml:5:"
+    )
+    assert err.rstrip().endswith("invalid YAML: exceeded maximum nesting depth")
+
+
+@pytest.mark.parametrize(
+    ("request_yaml", "message"),
+    [
+        # Nested deeper than jwt_authn metadata (a protobuf Struct) or the JSON encoder can go.
+        (f'{{http: "{BALANCE}", claims: {{sub: a, x: {DEEP_100}}}}}',
+         "cases[0].request.claims.x: nested more than 64 levels deep"),
+        (f'{{http: "{BALANCE}", via: jwt_authn, claims: {{sub: a, x: {{y: {DEEP_100}}}}}}}',
+         "cases[0].request.claims.x: nested more than 64 levels deep"),
+        # A double holds no integer of 400 digits; a bearer token's JSON does (next test).
+        (f'{{http: "{BALANCE}", via: jwt_authn, claims: {{sub: a, n: {"9" * 400}}}}}',
+         "cases[0].request.claims.n: an integer of 400 digits, beyond what jwt_authn metadata"),
+        ("{raw: {attributes: {metadataContext: {filterMetadata: {x: {n: " + "9" * 400 + "}}}}}}",
+         "cases[0].request.raw: not a CheckRequest:"),
+        # "²".isdigit() is True, int("²") raises.
+        (f'{{http: "{BALANCE}", claims: {{sub: a}}, auth_age: "²"}}',
+         "cases[0].request.auth_age: '²' is not a duration"),
+        (f'{{http: "{BALANCE}", claims: {{sub: a}}, auth_age: "1e999"}}',
+         "cases[0].request.auth_age: '1e999' is not a duration"),
+    ],
+)  # fmt: skip
+def test_a_request_that_cannot_be_built_fails_its_case_with_the_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], request_yaml: str, message: str
+) -> None:
+    path = suite(tmp_path, f"- name: hostile\n  request: {request_yaml}\n  expect: {{outcome: allow}}\n")
+    code, out, _ = run(capsys, "test", str(path))
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0] == f"FAIL  hostile  ({path}: cases[0])"
+    assert lines[1].startswith(f"      the request cannot be built: {message}"), lines[1]
+    assert lines[-1] == "0 passed, 1 failed"
+
+
+def test_a_bearer_token_carries_what_metadata_cannot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same huge integer as a bearer token's claim is decided (its JSON holds it)."""
+    path = suite(
+        tmp_path,
+        f'- name: big\n  request: {{http: "{BALANCE}", claims: {{sub: a, roles: [teller], amr: [pwd],'
+        f' n: {"9" * 400}}}}}\n  expect: {{outcome: allow, reason: allowed}}\n',
+    )
+    code, out, _ = run(capsys, "test", str(path))
+    assert (code, out.splitlines()[-1]) == (0, "1 passed, 0 failed"), out
+
+
+def test_a_lone_surrogate_escape_in_a_test_file_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """libyaml refuses "\udc80" (the pure-Python reader took it; printing the case name or
+    encoding the path then raised)."""
+    for case, line in (
+        ('- name: "bad \\udc80 name"\n  request: {http: "GET /healthz"}\n', 3),
+        ('- name: d\n  request: {http: "GET /v1/\\udc80"}\n', 4),
+    ):
+        code, _, err = run(capsys, "test", str(suite(tmp_path, case)))
+        assert code == 2
+        assert err.startswith(f"stepup-sidecar test: {tmp_path}/t.yaml:{line}:"), err
+        assert err.rstrip().endswith("invalid YAML: found invalid Unicode character escape code")
+
+
+def test_a_command_line_argument_utf8_cannot_carry_is_refused_with_its_place(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A byte that is not UTF-8 on the command line arrives as a lone surrogate (surrogateescape)."""
+    for argv, message in [
+        (["--http", "GET /v1/\udc80"],
+         "request.http: 'GET /v1/\\udc80' is not text UTF-8 can carry (a lone surrogate, U+DC80, at character 8)"),
+        (["--http", "GET /healthz", "--header", "x-\udcff=a"], "request.headers: 'x-\\udcff' is not text UTF-8 can carry"),
+        (["--http", "GET /healthz", "--header", "x-a=\udcff"], "request.headers.x-a: '\\udcff' is not text UTF-8 can carry"),
+        (["--http", "GET /healthz", "--principal", "\udc80"], "request.principal: '\\udc80' is not text UTF-8 can carry"),
+        (["--grpc", "/a.B/\udc80"], "request.grpc: '/a.B/\\udc80' is not text UTF-8 can carry"),
+    ]:  # fmt: skip
+        code, _, err = run(capsys, "explain", "--policy", str(EXAMPLE_POLICY), *argv)
+        assert code == 2
+        assert err.startswith(f"stepup-sidecar explain: {message}"), err
+
+
+def test_a_real_pipe_takes_every_report_of_a_suite_with_odd_text(tmp_path: Path) -> None:
+    """stdout a real pipe (UTF-8, strict): control characters and text beyond the BMP in names
+    are written in every format."""
+    path = suite(tmp_path, '- name: "odd \\x01 \\U0001F512 name"\n  request: {http: "GET /healthz"}\n  expect: {outcome: deny}\n')
+    for fmt in ("text", "json", "junit"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "sidecar", "test", "--format", fmt, str(path)],
+            capture_output=True, cwd=ROOT, timeout=60,
+            env={"PATH": "/usr/bin:/bin", "PYTHONIOENCODING": "utf-8:strict"},
+        )  # fmt: skip
+        assert proc.returncode == 1, proc.stderr.decode(errors="replace")
+        assert b"Traceback" not in proc.stderr
+        out = proc.stdout.decode("utf-8")
+        assert "\U0001f512" in out or "\\ud83d\\udd12" in out, out
+
+
+# --- explain and dev-token ---------------------------------------------------------------------
+
+
+def test_explain_refuses_what_it_cannot_describe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    deep = "[" * 20_000 + "]" * 20_000
+    code, _, err = run(capsys, "explain", "--policy", str(EXAMPLE_POLICY), "--http", "GET /healthz", "--claim", f"x={deep}")
+    assert (code, err.strip()) == (2, "stepup-sidecar explain: --claim x: the value is nested too deeply")
+
+    for name, text, message in [
+        ("date.yaml", 'http: "GET /healthz"\nat: 2026-02-30\n',
+         "date.yaml:2:5: at: '2026-02-30' is not a date or time (day is out of range for month)"),
+        ("deep.yaml", "x: " + "[" * 3000 + "]" * 3000, "deep.yaml:1:1003: invalid YAML: exceeded maximum nesting depth"),
+        ("list.yaml", "[1, 2]\n", "list.yaml: a request description is a mapping"),
+        ("scalar.yaml", "request: 5\n", "scalar.yaml: a request description is a mapping"),
+    ]:  # fmt: skip
+        (tmp_path / name).write_text(text)
+        code, _, err = run(capsys, "explain", "--policy", str(EXAMPLE_POLICY), "--request", str(tmp_path / name))
+        assert code == 2
+        assert err.startswith(f"stepup-sidecar explain: {tmp_path}/{message}"), err
+
+    code, _, err = run(
+        capsys, "explain", "--policy", str(EXAMPLE_POLICY), "--http", BALANCE, "--claim", "sub=a", "--auth-age", "²"
+    )
+    assert (code, err.strip()) == (2, "stepup-sidecar explain: request.auth_age: '²' is not a duration (e.g. 90, 90s, 15m)")
+
+
+def test_dev_token_refuses_a_missing_or_unusable_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "none.json"
+    code, _, err = run(capsys, "dev-token", "--key", str(missing))
+    assert (code, err.strip()) == (2, f"stepup-sidecar dev-token: --key {missing}: cannot read: No such file or directory")
+    (tmp_path / "list.json").write_text("[1]")
+    code, _, err = run(capsys, "dev-token", "--key", str(tmp_path / "list.json"))
+    assert (code, err.strip()) == (2, f"stepup-sidecar dev-token: --key {tmp_path}/list.json: not a JWK (a JSON object)")
+    (tmp_path / "nokty.json").write_text('{"kid": "dev-x"}')
+    code, _, err = run(capsys, "dev-token", "--key", str(tmp_path / "nokty.json"))
+    assert code == 2 and err.startswith(f"stepup-sidecar dev-token: --key {tmp_path}/nokty.json: not a usable private JWK")
+    (tmp_path / "c.yaml").write_text("exp: 2026-02-30\n")
+    code, _, err = run(capsys, "dev-token", "--claims-file", str(tmp_path / "c.yaml"))
+    assert code == 2
+    assert err.strip() == (
+        f"stepup-sidecar dev-token: {tmp_path}/c.yaml:1:6: exp: '2026-02-30' is not a date or time"
+        " (day is out of range for month)"
+    )
+
+
+# --- policies ----------------------------------------------------------------------------------
+
+
+def _problems(text: str, file: str) -> list[str]:
+    with pytest.raises(PolicyError) as e:
+        parse_text(text, file)
+    return [str(p) for p in e.value.problems]
+
+
+def _example() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(example_policy_text())
+    return data
+
+
+def test_a_policy_scalar_yaml_cannot_construct_names_its_place() -> None:
+    text = example_policy_text()
+    assert "realm: bank\n" in text
+    line = text[: text.index("realm: bank")].count("\n") + 1
+    assert _problems(text.replace("realm: bank", "realm: 2026-02-30", 1), "p.yaml") == [
+        f"p.yaml:{line}:8: realm: '2026-02-30' is not a date or time (day is out of range for month)"
+    ]
+    assert _problems(text.replace("realm: bank", "realm: " + "9" * 5000, 1), "p.yaml") == [
+        f"p.yaml:{line}:8: realm: '{'9' * 40}'... is not an integer (more digits than a number may have)"
+    ]
+
+
+def test_a_policy_nested_too_deep_is_a_problem_not_a_crash() -> None:
+    text = example_policy_text()
+    [problem] = _problems(text + "\nx: " + "[" * 3000 + "]" * 3000, "p.yaml")
+    assert problem.endswith("invalid YAML: exceeded maximum nesting depth")
+    # JSON: the stdlib parser recurses; refused at the bracket that opens level 65.
+    body = json.dumps(_example())
+    deep = body[:-1] + ', "x": ' + "[" * 5000 + "]" * 5000 + "}"
+    [problem] = _problems(deep, "p.json")
+    column = len(body[:-1] + ', "x": ') + 63 + 1  # the document's own brace is level 1
+    assert problem == f"p.json:1:{column}: (document): invalid JSON: nested more than 64 levels deep"
+    # Deep but within the parser: the schema names the first place that is wrong.
+    data = _example()
+    data["assurance"]["levels"] = json.loads("[" * 900 + "]" * 900)
+    [problem] = _problems(json.dumps(data), "p.json")
+    assert "assurance.levels[0]: " in problem and "is not of type 'string'" in problem
+
+
+def test_a_json_policy_with_a_lone_surrogate_escape_is_refused() -> None:
+    data = _example()
+    data["issuers"][0]["jwt_authn_payload"] = "\udc80"
+    assert _problems(json.dumps(data), "p.json") == [
+        "p.json:1:1: issuers[0].jwt_authn_payload: '\\udc80' is not text (a lone surrogate escape)"
+    ]
+    data["issuers"][0]["jwt_authn_payload"] = "payload \U0001f512"  # escaped as a surrogate pair: text
+    assert "\\ud83d\\udd12" in json.dumps(data)
+    assert parse_text(json.dumps(data), "p.json").data["issuers"][0]["jwt_authn_payload"] == "payload \U0001f512"

@@ -849,6 +849,51 @@ def test_httpx_requests_own_authorization_wins_first() -> None:
     assert [a for a, _ in handler.seen] == ["Bearer weak", "Bearer strong"]
 
 
+class Redirecting(FakeHttp):
+    """`/go` on http://bank redirects to `target`; every other request is FakeHttp's answer,
+    except that any other origin always answers with a step-up challenge."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.target = target
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host == "bank" and request.url.path == "/go":
+            self.seen.append((request.headers.get("authorization"), b"redirect"))
+            return httpx.Response(302, headers={"location": self.target})
+        if (request.url.scheme, request.url.host, request.url.port or 80) != ("http", "bank", 80):
+            self.seen.append((request.headers.get("authorization"), b"foreign"))
+            return httpx.Response(
+                401,
+                headers={"www-authenticate": 'Bearer error="insufficient_user_authentication", acr_values="phrh"'},
+            )
+        return super().__call__(request)
+
+
+@pytest.mark.parametrize("target", ["http://evil/x", "https://bank/x", "http://bank:8080/x"])
+def test_httpx_a_challenge_from_another_origin_after_a_redirect_is_returned_unchanged(target: str) -> None:
+    """httpx gives the flow the last response of the redirects it followed: a foreign server
+    must not make the client log in again (and choose its acr_values)."""
+    handler, cb = Redirecting(target), Callback("strong")
+    with httpx.Client(
+        transport=httpx.MockTransport(handler), auth=StepUpAuth(cb, token="weak"), follow_redirects=True
+    ) as http:
+        r = http.get("http://bank/go")
+    assert r.status_code == 401 and str(r.url) == target
+    assert cb.challenges == []
+    assert [body for _, body in handler.seen] == [b"redirect", b"foreign"]
+
+
+def test_httpx_a_same_origin_redirect_still_steps_up() -> None:
+    handler, cb = Redirecting("http://bank:80/v1/transfers"), Callback("strong")
+    with httpx.Client(
+        transport=httpx.MockTransport(handler), auth=StepUpAuth(cb, token="weak"), follow_redirects=True
+    ) as http:
+        r = http.get("http://bank/go")
+    assert r.status_code == 200 and len(cb.challenges) == 1
+    assert [a for a, _ in handler.seen] == ["Bearer weak", "Bearer weak", "Bearer strong", "Bearer strong"]
+
+
 def test_httpx_async_client_awaits_an_async_callback() -> None:
     handler = FakeHttp()
 

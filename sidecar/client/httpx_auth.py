@@ -12,7 +12,9 @@ challenge. Needs the `httpx` extra (`pip install 'stepup-sidecar[httpx]'`)::
   is sent once more with the token it returns (which becomes `token`). `StepUpRequired` (with
   `response` set) is raised when there is no callback, when it returns None, or when the retry
   gets a step-up challenge again.
-- Every other response (200, 403, a 401 with error="invalid_token", ...) is returned unchanged.
+- Every other response (200, 403, a 401 with error="invalid_token", ...) is returned unchanged,
+  and so is a challenge from another origin than the request's (a redirect followed to another
+  host, scheme or port): only the server the request was for can ask for a stronger login.
 
 With `httpx.AsyncClient`, `reauthenticate` may also be a coroutine function.
 """
@@ -55,7 +57,7 @@ class StepUpAuth(httpx.Auth):
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         self._prepare(request)
         response = yield request
-        challenge = _step_up(response)
+        challenge = _step_up(request, response)
         if challenge is None:
             return
         token = self.reauthenticate(challenge) if self.reauthenticate is not None else None
@@ -64,25 +66,36 @@ class StepUpAuth(httpx.Auth):
             raise TypeError("an async reauthenticate callback needs httpx.AsyncClient")
         self._retry(request, token, challenge, response)
         response = yield request
-        challenge = _step_up(response)
+        challenge = _step_up(request, response)
         if challenge is not None:
             raise _refusal(challenge, response, retried=True)
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
         self._prepare(request)
         response = yield request
-        challenge = _step_up(response)
+        challenge = _step_up(request, response)
         if challenge is None:
             return
         self._retry(request, await _ask(self.reauthenticate, challenge), challenge, response)
         response = yield request
-        challenge = _step_up(response)
+        challenge = _step_up(request, response)
         if challenge is not None:
             raise _refusal(challenge, response, retried=True)
 
 
-def _step_up(response: httpx.Response) -> Challenge | None:
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
+
+
+def _step_up(request: httpx.Request, response: httpx.Response) -> Challenge | None:
+    """The step-up challenge of a 401 from the request's own origin (httpx hands the flow the
+    last response of the redirects it followed, which may be another server's)."""
     if response.status_code != 401:
+        return None
+    if _origin(response.request.url) != _origin(request.url):
         return None
     return bearer_step_up(response.headers.get_list("www-authenticate"))
 

@@ -182,10 +182,14 @@ def run_suite(suite: Suite, policy: Policy, select: re.Pattern[str] | None = Non
                 continue
             verifier.presets.update(built.presets)
             clock.now = built.at
-            ev = loop.run_until_complete(runtime.evaluate(built.check))
-            resp = wire_answer(ev, "stepup-test")
-            got = observe(resp, ev.decision)
-            diffs = compare(case.expect, got)
+            try:
+                ev = loop.run_until_complete(runtime.evaluate(built.check))
+                resp = wire_answer(ev, "stepup-test")
+                got = observe(resp, ev.decision)
+                diffs = compare(case.expect, got)
+            except Exception as e:  # one case that breaks the tool fails alone, named
+                results.append(Result(case, False, [f"the case could not be run: {type(e).__name__}: {e}"]))
+                continue
             seconds = time.perf_counter() - started
             results.append(
                 Result(case, not diffs, diffs, got, ev.decision, seconds, resp, built.check, built.presets)

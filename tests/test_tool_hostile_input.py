@@ -265,3 +265,34 @@ def test_a_json_policy_with_a_lone_surrogate_escape_is_refused() -> None:
     data["issuers"][0]["jwt_authn_payload"] = "payload \U0001f512"  # escaped as a surrogate pair: text
     assert "\\ud83d\\udd12" in json.dumps(data)
     assert parse_text(json.dumps(data), "p.json").data["issuers"][0]["jwt_authn_payload"] == "payload \U0001f512"
+
+
+def test_a_case_that_breaks_the_tool_fails_alone_and_the_suite_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The safety net for what no check above foresaw: the case is a named failure (exit 1), the
+    cases after it still run."""
+    from sidecar import policytest
+
+    real = policytest.wire_answer
+
+    def breaks_on_balance(ev: Any, realm: str) -> Any:
+        if "balance" in ev.decision.matched_rules:
+            raise OverflowError("int too large to convert to float")
+        return real(ev, realm)
+
+    monkeypatch.setattr(policytest, "wire_answer", breaks_on_balance)
+    path = suite(
+        tmp_path,
+        f'- name: breaks\n  request: {{http: "{BALANCE}", claims: {{sub: a, roles: [teller], amr: [pwd]}}}}\n'
+        "  expect: {outcome: allow}\n"
+        '- name: after\n  request: {http: "GET /healthz"}\n  expect: {outcome: allow}\n',
+    )
+    code, out, _ = run(capsys, "test", str(path))
+    assert code == 1
+    assert out.splitlines() == [
+        f"FAIL  breaks  ({path}: cases[0])",
+        "      the case could not be run: OverflowError: int too large to convert to float",
+        f"PASS  after  ({path}: cases[1])",
+        "1 passed, 1 failed",
+    ]

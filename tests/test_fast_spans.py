@@ -1,0 +1,217 @@
+"""The fast OTLP span path (sidecar/telemetry.py, FastSpans) against the OpenTelemetry SDK.
+
+For the same decision, the bytes the fast path writes must be the bytes the SDK's own encoder
+writes for the span the SDK's tracer makes (same ids, parent, trace state, flags, attributes,
+resource and scope), for generated attribute sets and parents; and the sampler decides the same.
+The span reaching a real receiver through the sidecar is covered by test_span_delivery.py and
+test_plain_install.py.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.trace import SpanKind, TraceFlags, TraceState
+
+from sidecar import __version__
+from sidecar.telemetry import (
+    SPAN_NAME,
+    BoundedSpanProcessor,
+    FastSpans,
+    StepupTracerProvider,
+    _FastSpan,
+    encode_request,
+    request_head,
+    tracer_provider_from_env,
+)
+
+
+class FixedIds(IdGenerator):
+    """Ids from a seeded generator, so that two tracers can be given the same ones."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def generate_span_id(self) -> int:
+        return self.rng.getrandbits(64) or 1
+
+    def generate_trace_id(self) -> int:
+        return self.rng.getrandbits(128) or 1
+
+
+class Keep(SpanExporter):
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.spans.extend(spans)
+        return SpanExportResult.SUCCESS
+
+
+class Queue:
+    """Stands in for BoundedSpanProcessor.put."""
+
+    def __init__(self) -> None:
+        self.items: list[_FastSpan] = []
+
+    def put(self, item: _FastSpan) -> None:
+        self.items.append(item)
+
+
+RESOURCE = Resource.create({"service.name": "stepup-sidecar", "service.version": __version__})
+
+
+def both(
+    sampler: Sampler, parent: Context | None, attrs: dict[str, Any], seed: int
+) -> tuple[ReadableSpan | None, Any, _FastSpan | None, tuple[int, int]]:
+    keep = Keep()
+    sdk = TracerProvider(resource=RESOURCE, sampler=sampler, id_generator=FixedIds(seed))
+    sdk.add_span_processor(SimpleSpanProcessor(keep))
+    span = sdk.get_tracer("stepup-sidecar", __version__).start_span(
+        SPAN_NAME, context=parent, kind=SpanKind.SERVER, start_time=1_700_000_000_123_456_789, attributes=attrs
+    )
+    span.end(end_time=1_700_000_000_124_000_001)
+    fast_provider = TracerProvider(resource=RESOURCE, sampler=sampler, id_generator=FixedIds(seed))
+    q = Queue()
+    ids = FastSpans(fast_provider, q).record(  # type: ignore[arg-type]
+        SPAN_NAME, parent, 1_700_000_000_123_456_789, 1_700_000_000_124_000_001, dict(attrs)
+    )
+    return (keep.spans[0] if keep.spans else None), span.get_span_context(), (q.items[0] if q.items else None), ids
+
+
+def sdk_span_bytes(span: ReadableSpan) -> bytes:
+    return bytes(encode_spans([span]).resource_spans[0].scope_spans[0].spans[0].SerializeToString())
+
+
+def remote(trace_id: int, span_id: int, sampled: bool = True, state: str = "") -> Context:
+    ctx = trace.SpanContext(
+        trace_id, span_id, is_remote=True, trace_flags=TraceFlags(1 if sampled else 0),
+        trace_state=TraceState.from_header([state]) if state else TraceState(),
+    )  # fmt: skip
+    return trace.set_span_in_context(trace.NonRecordingSpan(ctx))
+
+
+DECISION = {
+    "authz.decision_id": "0123456789abcdef", "authz.outcome": "allow", "authz.reason": "allowed",
+    "authz.http_status": 200, "authz.rules": ["transfer", "tx"], "authz.sensitivity": "high",
+    "authz.required_max_age": 900, "authz.subject": "alice", "authz.explain": True,
+    "http.request.method": "POST", "rpc.system": "grpc",
+}  # fmt: skip
+
+PARENTS = {
+    "none": None,
+    "remote sampled": remote(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7),
+    "remote with tracestate": remote(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, state="a=1,vendor=x y"),
+    "remote not sampled": remote(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, sampled=False),
+    "empty context": Context(),
+}
+
+
+@pytest.mark.parametrize("parent", PARENTS.values(), ids=PARENTS.keys())
+@pytest.mark.parametrize(
+    "sampler",
+    [ParentBased(ALWAYS_ON), ALWAYS_ON, ALWAYS_OFF, ParentBased(TraceIdRatioBased(0.5)), TraceIdRatioBased(0.5)],
+    ids=["parentbased_always_on", "always_on", "always_off", "parentbased_ratio", "ratio"],
+)
+def test_the_fast_span_is_the_sdks_span_byte_for_byte(sampler: Sampler, parent: Context | None) -> None:
+    for seed in range(20):
+        readable, ctx, fast, ids = both(sampler, parent, DECISION, seed)
+        assert ids == (ctx.trace_id, ctx.span_id)  # the decision log names the same ids
+        assert (readable is None) == (fast is None)  # sampled alike
+        if readable is not None and fast is not None:
+            assert fast.encode({}) == sdk_span_bytes(readable)
+
+
+values = st.one_of(
+    st.text(max_size=40),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False),
+    st.lists(st.text(max_size=10), max_size=5),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    attrs=st.dictionaries(st.text(min_size=1, max_size=30), values, max_size=20),
+    parent=st.sampled_from(list(PARENTS.values())),
+    seed=st.integers(0, 2**32),
+)
+def test_generated_attributes_encode_as_the_sdk_encodes_them(
+    attrs: dict[str, Any], parent: Context | None, seed: int
+) -> None:
+    # Text with a lone surrogate cannot go through the SDK's encoder at all (next test).
+    def utf8(v: Any) -> bool:
+        return all(utf8(x) for x in v) if isinstance(v, list) else not isinstance(v, str) or v.isascii() or _ok(v)
+
+    attrs = {k: v for k, v in attrs.items() if utf8(k) and utf8(v)}
+    readable, _, fast, _ = both(ALWAYS_ON, parent, attrs, seed)
+    assert readable is not None and fast is not None
+    assert fast.encode({}) == sdk_span_bytes(readable)
+
+
+def _ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def test_text_utf8_cannot_carry_is_replaced_not_a_lost_batch() -> None:
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    span = _FastSpan(SPAN_NAME, 1, 2, 0, False, "", 1, 2, {"authz.subject": "a\udc80b", "k\ud800": ["\udfff"]})
+    parsed = trace_pb2.Span.FromString(span.encode({}))
+    assert [(kv.key, kv.value) for kv in parsed.attributes][0][1].string_value == "a?b"
+    assert parsed.attributes[1].key == "k?" and parsed.attributes[1].value.array_value.values[0].string_value == "?"
+
+
+def test_a_whole_request_is_the_sdks_request() -> None:
+    """Resource, scope and schema URLs around the spans, as encode_spans writes them."""
+    spans, fast = [], []
+    for seed in range(3):
+        readable, _, f, _ = both(ALWAYS_ON, PARENTS["remote with tracestate"], DECISION, seed)
+        assert readable is not None and f is not None
+        spans.append(readable)
+        fast.append(f)
+    assert encode_request(request_head(RESOURCE), fast, {}) == encode_spans(spans).SerializeToString()
+
+
+def test_the_fast_path_is_taken_only_for_one_otlp_grpc_exporter(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("OTEL_SDK_DISABLED", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")
+
+    def fast_of(exporters: str, **env: str) -> bool:
+        monkeypatch.setenv("OTEL_TRACES_EXPORTER", exporters)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        provider = tracer_provider_from_env()
+        assert isinstance(provider, StepupTracerProvider)
+        try:
+            if provider.fast is not None:
+                assert isinstance(provider.fast.processor, BoundedSpanProcessor)
+            return provider.fast is not None
+        finally:
+            provider.shutdown()
+            for k in env:
+                monkeypatch.delenv(k)
+
+    assert fast_of("otlp")
+    assert not fast_of("otlp,console")  # two exporters: the SDK's way for both
+    assert not fast_of("otlp", OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf")
+    assert not fast_of("otlp", OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT="8")  # limits: the SDK applies them

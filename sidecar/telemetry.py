@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import random
 import struct
 import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -193,8 +193,10 @@ class BoundedSpanProcessor(SpanProcessor):
         self.metrics = metrics
         self.max_batch = _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
         self.delay = _env_int("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
-        size = _env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
-        self.queue: queue.Queue[ReadableSpan | _FastSpan] = queue.Queue(size)
+        self.capacity = _env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
+        # A deque: append and popleft are atomic, and cost a fraction of queue.Queue's locking.
+        # Only the loop thread appends, only the worker pops.
+        self.queue: deque[ReadableSpan | _FastSpan] = deque()
         self.dropped = 0
         self._stop = threading.Event()
         self._flush_request = threading.Event()
@@ -210,24 +212,25 @@ class BoundedSpanProcessor(SpanProcessor):
             self.put(span)
 
     def put(self, span: ReadableSpan | _FastSpan) -> None:
-        try:
-            self.queue.put_nowait(span)
-        except queue.Full:
+        q = self.queue
+        if len(q) >= self.capacity:
             self.dropped += 1
             if self.metrics is not None:
                 self.metrics.spans_dropped.inc()
             return
-        if self.queue.qsize() >= self.max_batch and not self._flush_request.is_set():
+        q.append(span)
+        if len(q) >= self.max_batch and not self._flush_request.is_set():
             # A full batch is waiting: export it now, not at the next scheduled delay (at 1,000
             # decisions/s the 2,048-span queue fills in two seconds; the delay is five).
             self._flush_request.set()
 
     def _drain(self) -> list[ReadableSpan | _FastSpan]:
         batch: list[ReadableSpan | _FastSpan] = []
+        pop = self.queue.popleft
         while len(batch) < self.max_batch:
             try:
-                batch.append(self.queue.get_nowait())
-            except queue.Empty:
+                batch.append(pop())
+            except IndexError:
                 break
         return batch
 
@@ -253,7 +256,7 @@ class BoundedSpanProcessor(SpanProcessor):
             self._flush_request.clear()
             # Full batches go at once; a partial one waits for the schedule delay (or a flush), so
             # a steady load is sent in few large requests, not many small ones.
-            while self.queue.qsize() >= self.max_batch:
+            while len(self.queue) >= self.max_batch:
                 self._export(self._drain())
             if not woken or self._force:
                 self._force = False
@@ -266,9 +269,9 @@ class BoundedSpanProcessor(SpanProcessor):
         self._force = True
         self._flush_request.set()
         deadline = time.monotonic() + timeout_millis / 1000
-        while not self.queue.empty() and time.monotonic() < deadline:
+        while self.queue and time.monotonic() < deadline:
             time.sleep(0.01)
-        return self.queue.empty()
+        return not self.queue
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -326,6 +329,26 @@ def _any_value(v: Any) -> bytes:
     return _field(b"\x0a", str(v).encode("utf-8", "replace"))
 
 
+# Attributes whose values repeat (the outcome, the policy's levels and rule ids, ...): their
+# KeyValue encodings are kept, keyed by (name, type, value). Only export threads touch it.
+_STABLE = frozenset(
+    f"authz.{k}" for k in (
+        "outcome", "reason", "http_status", "sensitivity", "required_assurance", "required_max_age",
+        "presented_assurance", "issuer", "credential", "policy_version", "explain",
+    )
+) | {"http.request.method", "rpc.system"}  # fmt: skip
+_STABLE_KV: dict[tuple[str, type, Any], bytes] = {}
+
+
+def _key(keys: dict[str, bytes], k: str) -> bytes:
+    key = keys.get(k)
+    if key is None:
+        key = _field(b"\x0a", k.encode("utf-8", "replace"))
+        if len(keys) < 256:  # our attribute names: a handful
+            keys[k] = key
+    return key
+
+
 class _FastSpan:
     """What the loop thread records of a sampled decision; encoded in the export thread."""
 
@@ -354,12 +377,17 @@ class _FastSpan:
             b"\x41", struct.pack("<Q", self.end),
         )  # fmt: skip
         for k, v in self.attrs.items():
-            key = keys.get(k)
-            if key is None:
-                key = _field(b"\x0a", k.encode("utf-8", "replace"))
-                if len(keys) < 256:  # our attribute names: a handful
-                    keys[k] = key
-            parts.append(_field(b"\x4a", key + _field(b"\x12", _any_value(v))))
+            if k in _STABLE and type(v) is not list:
+                ck = (k, type(v), v)  # the type too: True == 1 == 1.0 as dict keys
+                kv = _STABLE_KV.get(ck)
+                if kv is None:
+                    kv = _field(b"\x4a", _key(keys, k) + _field(b"\x12", _any_value(v)))
+                    if len(_STABLE_KV) >= 1024:  # bounded, though these values are few
+                        _STABLE_KV.clear()
+                    _STABLE_KV[ck] = kv
+                parts.append(kv)
+            else:
+                parts.append(_field(b"\x4a", _key(keys, k) + _field(b"\x12", _any_value(v))))
         # status: present and empty (UNSET), as the SDK writes it; flags: the parent is remote or not.
         parts += (b"\x7a\x00", b"\x85\x01", struct.pack("<I", 0x300 if self.remote else 0x100))
         return b"".join(parts)

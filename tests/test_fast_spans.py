@@ -215,3 +215,18 @@ def test_the_fast_path_is_taken_only_for_one_otlp_grpc_exporter(monkeypatch: pyt
     assert not fast_of("otlp,console")  # two exporters: the SDK's way for both
     assert not fast_of("otlp", OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf")
     assert not fast_of("otlp", OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT="8")  # limits: the SDK applies them
+
+
+def test_kept_encodings_tell_true_from_1_and_the_cache_stays_bounded() -> None:
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    from sidecar import telemetry
+
+    for value in (True, 1, 1.0, "1", False, 0):
+        span = _FastSpan(SPAN_NAME, 1, 2, 0, False, "", 1, 2, {"authz.http_status": value})
+        (kv,) = trace_pb2.Span.FromString(span.encode({})).attributes
+        assert kv.value.WhichOneof("value") == {bool: "bool_value", int: "int_value", float: "double_value",
+                                                str: "string_value"}[type(value)]  # fmt: skip
+    for i in range(3000):  # a method token is the caller's: many distinct ones
+        _FastSpan(SPAN_NAME, 1, 2, 0, False, "", 1, 2, {"http.request.method": f"M{i}"}).encode({})
+    assert len(telemetry._STABLE_KV) <= 1024

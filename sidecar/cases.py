@@ -89,7 +89,10 @@ class BuiltRequest:
 _EPOCH = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
 _LATEST = 253402300799.0  # 9999-12-31T23:59:59Z: later instants have no date to show
 _AGE = re.compile(r"[0-9]{1,12}[smhd]?")  # ASCII digits only: "²".isdigit(), but int("²") fails
-MAX_CLAIM_DEPTH = 64  # JSON's encoder and the Struct of jwt_authn metadata run out of stack deeper
+MAX_CLAIM_DEPTH = 64  # JSON's encoder runs out of stack deeper
+# jwt_authn metadata is a protobuf Struct: each claim level is three message levels, and protobuf
+# refuses a message nested more than 100 deep.
+MAX_METADATA_CLAIM_DEPTH = 30
 _MAX_CLAIM_VALUES = 100_000  # YAML aliases can make a small file a huge (or endless) claim set
 _DOUBLE_MAX = 2**1024  # the first integer a double (jwt_authn metadata's number) cannot hold
 
@@ -148,7 +151,8 @@ def build_request(
     unknown = set(raw) - REQUEST_KEYS
     if unknown:
         raise CaseError(
-            f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(REQUEST_KEYS))})"
+            f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}"
+            f" (known: {', '.join(sorted(REQUEST_KEYS))})"
         )
     at = parse_time(raw["at"], f"{where}.at") if "at" in raw else (time.time() if now is None else now)
     if "raw" in raw:
@@ -288,9 +292,9 @@ def _claims(
     out.setdefault("exp", int(at) + 3600)
     if "auth_age" in raw:
         age_v = raw["auth_age"]
-        if isinstance(age_v, str) and age_v.strip().isascii() and age_v.strip().isdigit():
-            age_v = int(age_v)  # plain seconds, as from --auth-age
         try:
+            if isinstance(age_v, str) and _AGE.fullmatch(age_v.strip()) and age_v.strip().isdigit():
+                age_v = int(age_v)  # plain seconds, as from --auth-age
             if isinstance(age_v, bool) or (isinstance(age_v, str) and not _AGE.fullmatch(age_v)):
                 raise ValueError
             age = parse_duration(age_v)
@@ -316,10 +320,12 @@ def _check_claims(claims: Mapping[str, Any], where: str, *, metadata: bool) -> N
         seen += 1
         if seen > _MAX_CLAIM_VALUES:
             raise CaseError(f"{where}: more than {_MAX_CLAIM_VALUES} values (YAML aliases?)")
-        if isinstance(value, Mapping | list | tuple) and depth >= MAX_CLAIM_DEPTH:
+        limit = MAX_METADATA_CLAIM_DEPTH if metadata else MAX_CLAIM_DEPTH
+        if isinstance(value, Mapping | list | tuple) and depth >= limit:
             top = place[len(where) :].lstrip(".").split(".")[0].split("[")[0]
             raise CaseError(
-                f"{where}{'.' + top if top else ''}: nested more than {MAX_CLAIM_DEPTH} levels deep"
+                f"{where}{'.' + top if top else ''}: nested more than {limit} levels deep"
+                + (" (jwt_authn metadata, a protobuf Struct, holds no more)" if metadata else "")
             )
         if isinstance(value, Mapping):
             for k, v in value.items():

@@ -319,13 +319,17 @@ def set_path(doc: dict[str, Any], path: str, value: Any) -> None:
     cur[last] = value
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_claim(text: str) -> tuple[str, Any]:
     """PATH=VALUE, the value as JSON when it parses (a number, a list, ...), else the string."""
     path, sep, raw = text.partition("=")
     if not sep or not path:
         raise ValueError(f"--claim {text!r}: write PATH=VALUE")
     try:
-        value: Any = json.loads(raw)
+        value: Any = json.loads(raw, parse_constant=_not_json)  # NaN, Infinity: no JSON, a string
     except ValueError:
         value = raw
     except RecursionError:  # a value nested thousands deep: refused, not taken as a string
@@ -393,6 +397,10 @@ def _explain(args: argparse.Namespace) -> int:
         return 2
     except (CaseError, ValueError) as e:
         print(f"stepup-sidecar explain: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # what no check of build_request foresaw: named, never a traceback
+        why = f"{type(e).__name__}: {e}"
+        print(f"stepup-sidecar explain: the request cannot be built: {why}", file=sys.stderr)
         return 2
     verifier = PresetVerifier()
     verifier.presets.update(built.presets)
@@ -463,7 +471,17 @@ def _dev_token(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"stepup-sidecar dev-token: {e}", file=sys.stderr)
         return 2
-    print(jwt.encode({"alg": data.get("alg", "RS256"), "kid": data["kid"], "typ": "JWT"}, claims, key))
+    try:
+        header = {"alg": str(data.get("alg", "RS256")), "kid": str(data.get("kid", "")), "typ": "JWT"}
+        # allow_nan=False: a NaN or an infinity from the claims file would not be JSON.
+        json.dumps(claims, allow_nan=False)
+        token = jwt.encode(header, claims, key)
+    except (JoseError, ValueError, TypeError, RecursionError) as e:
+        # A claim JSON cannot hold (a YAML date, a set, text UTF-8 cannot carry, nesting too
+        # deep) or a key that cannot sign with its algorithm.
+        print(f"stepup-sidecar dev-token: cannot make the token: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print(token)
     return 0
 
 

@@ -80,7 +80,7 @@ def load_policy(
     file = str(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, or a NUL in the path
         raise PolicyError([Problem(file, 1, 1, "", f"cannot read the file: {e}")]) from None
     return load_policy_text(
         text, file=file, base_dir=path.parent, fetch=fetch, allow_insecure_jwks_http=allow_insecure_jwks_http,

@@ -205,12 +205,55 @@ class YAMLProblem(ValueError):
         return f"{file}:{self}" if self.line is not None else f"{file}: {self}"
 
 
+# YAML aliases let a small document stand for a huge one ("billion laughs": nine anchors, each
+# ten of the one before, are a billion values). Loading shares the aliased objects, so it is
+# cheap; whatever walks the values (validation, str(), the JSON encoder) is not.
+MAX_EXPANDED_VALUES = 10_000_000
+ALIASES_TOO_FAR = f"its aliases expand to more than {MAX_EXPANDED_VALUES:,} values (or refer to themselves)"
+
+
+def expanded_size(data: Any, limit: int = MAX_EXPANDED_VALUES) -> int:
+    """How many values `data` holds once every alias is expanded (counted per distinct object,
+    in a loop: linear in what was loaded); stops counting past `limit`. A structure that
+    contains itself (`&a [*a]`) is endless: limit + 1."""
+    sizes: dict[int, int] = {}
+    path: set[int] = set()  # the containers being counted: an ancestor met again is a cycle
+    todo: list[tuple[Any, bool]] = [(data, False)]
+    while todo:
+        node, children_done = todo.pop()
+        if not isinstance(node, dict | list) or (not children_done and id(node) in sizes):
+            continue
+        kids = list(node.values()) if isinstance(node, dict) else node
+        if not children_done:
+            if id(node) in path:
+                return limit + 1
+            path.add(id(node))
+            todo.append((node, True))
+            todo.extend((k, False) for k in kids if isinstance(k, dict | list) and id(k) not in sizes)
+            continue
+        path.discard(id(node))
+        total = 1
+        for k in kids:
+            total += sizes.get(id(k), 1) if isinstance(k, dict | list) else 1
+            if total > limit:
+                return total
+        sizes[id(node)] = total
+    return sizes.get(id(data), 1)
+
+
+def _aliases_expand_too_far(text: str, data: Any) -> bool:
+    return "&" in text and expanded_size(data) > MAX_EXPANDED_VALUES  # no anchor, no alias
+
+
 def load_yaml(text: str) -> Any:
     """The document of a test file or request description. Raises YAMLProblem naming the line,
     the column, the place when it can be named and the problem: invalid YAML, a scalar that is
     not what it resolved as (`2026-02-30`), nesting too deep."""
     try:
-        return yaml.load(text, Loader=SafeLoader)  # noqa: S506 (a SafeLoader subclass)
+        data = yaml.load(text, Loader=SafeLoader)  # noqa: S506 (a SafeLoader subclass)
+        if _aliases_expand_too_far(text, data):
+            raise YAMLProblem(ALIASES_TOO_FAR)
+        return data
     except ScalarError as e:
         mark = e.problem_mark
         assert mark is not None  # ScalarError always has the scalar's mark
@@ -252,6 +295,8 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
     """SafeLoader (libyaml when available) that refuses duplicate mapping keys."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):  # `!!map x`: the stock error, with its place
+            return super().construct_mapping(node, deep=deep)
         seen: set[Any] = set()
         for knode, _ in node.value:
             key = knode.value if isinstance(knode, yaml.ScalarNode) else id(knode)
@@ -289,6 +334,10 @@ def parse_text(text: str, file: str) -> Document:
         return _parse_json(text, file)
     try:
         doc = Document(file, text)
+        if _aliases_expand_too_far(text, doc.data):
+            raise PolicyError(
+                [Problem(file, 1, 1, "", ALIASES_TOO_FAR)]
+            )
     except _DupKey as e:
         raise PolicyError(
             [Problem(file, e.line, e.column, _where((*e.path, e.key)), "duplicate key")]
@@ -520,10 +569,16 @@ def _permission_rule_ok(r: Any) -> bool:
 
 def _schema_message(err: jsonschema.ValidationError) -> str:
     if err.validator == "additionalProperties":
-        return err.message.replace("Additional properties are not allowed", "unknown key(s)")
+        return _clip(err.message.replace("Additional properties are not allowed", "unknown key(s)"))
     if err.validator == "pattern":
-        return f"{err.instance!r} does not have the expected form"
+        return f"{_clip(repr(err.instance), 80)} does not have the expected form"
     desc = err.schema.get("description", "") if isinstance(err.schema, dict) else ""
     if err.validator == "oneOf" and "unit s, m, h or d" in str(desc):
-        return f"{err.instance!r} is not a duration (seconds, or e.g. 30s, 15m, 12h, 1d)"
-    return err.message
+        what = "seconds up to 100 years, or e.g. 30s, 15m, 12h, 1d"
+        return f"{_clip(repr(err.instance), 80)} is not a duration ({what})"
+    return _clip(err.message)
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    """A message that quotes a huge value (5,000 digits, a list nested 900 deep) kept readable."""
+    return text if len(text) <= limit else f"{text[: limit - 40]}...{text[-30:]}"

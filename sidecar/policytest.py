@@ -127,7 +127,7 @@ def load_suite(path: Path) -> Suite:
         raise SuiteError(f"{path}: a test file is a mapping with a `cases` list (and optionally `policy`)")
     unknown = set(doc) - {"policy", "cases"}
     if unknown:
-        raise SuiteError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise SuiteError(f"{path}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     cases = []
     for i, raw in enumerate(doc["cases"]):
         where = f"{path}: cases[{i}]"
@@ -135,13 +135,13 @@ def load_suite(path: Path) -> Suite:
             raise SuiteError(f"{where}: a case is a mapping with `name`, `request` and `expect`")
         bad = set(raw) - CASE_KEYS
         if bad:
-            raise SuiteError(f"{where}: unknown key(s) {', '.join(sorted(bad))}")
+            raise SuiteError(f"{where}: unknown key(s) {', '.join(sorted(map(str, bad)))}")
         expect = raw.get("expect", {})
         if not isinstance(expect, dict) or set(expect) - EXPECT_KEYS:
             raise SuiteError(
                 f"{where}.expect: a mapping of {', '.join(sorted(EXPECT_KEYS))}"
                 + (
-                    f" (unknown: {', '.join(sorted(set(expect) - EXPECT_KEYS))})"
+                    f" (unknown: {', '.join(sorted(map(str, set(expect) - EXPECT_KEYS)))})"
                     if isinstance(expect, dict)
                     else ""
                 )
@@ -179,6 +179,11 @@ def run_suite(suite: Suite, policy: Policy, select: re.Pattern[str] | None = Non
                 built = build_request(case.request, policy, f"{case.where}.request")
             except CaseError as e:
                 results.append(Result(case, False, [f"the request cannot be built: {e}"]))
+                continue
+            except Exception as e:  # what no check of build_request foresaw: this case fails, named
+                results.append(
+                    Result(case, False, [f"the request cannot be built: {type(e).__name__}: {e}"])
+                )
                 continue
             verifier.presets.update(built.presets)
             clock.now = built.at

@@ -86,7 +86,7 @@ def test_a_test_file_nested_thousands_deep_is_exit_2(
         (f'{{http: "{BALANCE}", claims: {{sub: a, x: {DEEP_100}}}}}',
          "cases[0].request.claims.x: nested more than 64 levels deep"),
         (f'{{http: "{BALANCE}", via: jwt_authn, claims: {{sub: a, x: {{y: {DEEP_100}}}}}}}',
-         "cases[0].request.claims.x: nested more than 64 levels deep"),
+         "cases[0].request.claims.x: nested more than 30 levels deep (jwt_authn metadata"),
         # A double holds no integer of 400 digits; a bearer token's JSON does (next test).
         (f'{{http: "{BALANCE}", via: jwt_authn, claims: {{sub: a, n: {"9" * 400}}}}}',
          "cases[0].request.claims.n: an integer of 400 digits, beyond what jwt_authn metadata"),
@@ -296,3 +296,141 @@ def test_a_case_that_breaks_the_tool_fails_alone_and_the_suite_goes_on(
         f"PASS  after  ({path}: cases[1])",
         "1 passed, 1 failed",
     ]
+
+
+# --- red-team round 3 (helper-10) ---------------------------------------------------------------
+
+
+def _laughs(levels: int = 9) -> str:
+    """Nine anchors, each ten of the one before: a 1 KB document that stands for a billion values."""
+    out = ["l0: &l0 [x,x,x,x,x,x,x,x,x,x]"]
+    out += [f"l{i}: &l{i} [{','.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "{" + ", ".join(out) + "}"
+
+
+LAUGHS = "its aliases expand to more than 10,000,000 values (or refer to themselves)"
+
+
+def test_yaml_aliases_that_expand_without_bound_are_refused_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = suite(tmp_path, f'- name: c\n  request: {{http: "GET /healthz", headers: {_laughs()}}}\n')
+    assert run(capsys, "test", str(path))[2].strip() == f"stepup-sidecar test: {path}: {LAUGHS}"
+    (tmp_path / "r.yaml").write_text(f'http: "GET /healthz"\nheaders: {_laughs()}\n')
+    code, _, err = run(capsys, "explain", "--policy", str(EXAMPLE_POLICY), "--request", str(tmp_path / "r.yaml"))
+    assert (code, err.strip()) == (2, f"stepup-sidecar explain: {tmp_path}/r.yaml: {LAUGHS}")
+    (tmp_path / "c.yaml").write_text(f"x: {_laughs()}\n")
+    code, _, err = run(capsys, "dev-token", "--claims-file", str(tmp_path / "c.yaml"))
+    assert (code, err.strip()) == (2, f"stepup-sidecar dev-token: {tmp_path}/c.yaml: {LAUGHS}")
+    (tmp_path / "loop.yaml").write_text("x: &a [1, *a]\n")  # a list that holds itself
+    code, _, err = run(capsys, "dev-token", "--claims-file", str(tmp_path / "loop.yaml"))
+    assert (code, err.strip()) == (2, f"stepup-sidecar dev-token: {tmp_path}/loop.yaml: {LAUGHS}")
+    text = example_policy_text().replace("realm: bank\n", f"realm: bank\nx-laughs: {_laughs()}\n")
+    assert _problems(text, "p.yaml") == [f"p.yaml:1:1: (document): {LAUGHS}"]
+
+
+def test_aliases_used_to_share_claims_still_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = suite(
+        tmp_path,
+        f'- name: a\n  request: {{http: "{BALANCE}", claims: &teller {{sub: a, roles: [teller], amr: [pwd]}}}}\n'
+        "  expect: {outcome: allow}\n"
+        f'- name: b\n  request: {{grpc: /bank.v1.Accounts/GetBalance, claims: *teller}}\n'
+        "  expect: {outcome: allow}\n",
+    )
+    code, out, _ = run(capsys, "test", str(path))
+    assert (code, out.splitlines()[-1]) == (0, "2 passed, 0 failed")
+
+
+def test_jwt_authn_claims_deeper_than_a_struct_holds_fail_their_case(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def nested(depth: int) -> str:
+        return "{a: " * depth + "1" + "}" * depth
+
+    path = suite(
+        tmp_path,
+        f'- name: deep\n  request: {{http: "{BALANCE}", via: jwt_authn, claims: {{sub: a, n: {nested(31)}}}}}\n'
+        "  expect: {outcome: allow}\n"
+        f'- name: fits\n  request: {{http: "{BALANCE}", via: jwt_authn, claims: {{sub: a, roles: [teller],'
+        f" amr: [pwd], n: {nested(29)}}}}}\n  expect: {{outcome: allow}}\n",
+    )
+    code, out, _ = run(capsys, "test", str(path))
+    assert code == 1
+    assert out.splitlines()[1] == (
+        "      the request cannot be built: cases[0].request.claims.n: nested more than 30 levels deep"
+        " (jwt_authn metadata, a protobuf Struct, holds no more)"
+    )
+    assert out.splitlines()[2] == f"PASS  fits  ({path}: cases[1])"
+
+
+def test_keys_that_are_not_text_and_a_nul_in_the_policy_path_are_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(f"policy: {EXAMPLE_POLICY}\ncases: []\n1: x\n")
+    assert run(capsys, "test", str(path))[2].strip() == f"stepup-sidecar test: {path}: unknown key(s) 1"
+    (tmp_path / "r.yaml").write_text('http: "GET /healthz"\n1: x\nz: 2\n')
+    code, _, err = run(capsys, "explain", "--policy", str(EXAMPLE_POLICY), "--request", str(tmp_path / "r.yaml"))
+    assert code == 2 and err.startswith("stepup-sidecar explain: request: unknown key(s) 1, z (known: at, ")
+    path.write_text('policy: "a\\x00b"\ncases: []\n')
+    code, _, err = run(capsys, "test", str(path))
+    assert code == 2 and err.rstrip().endswith("cannot read the file: embedded null byte")
+
+
+def test_dev_token_refuses_claims_json_cannot_hold_and_keys_that_cannot_sign(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prefix = "stepup-sidecar dev-token: cannot make the token: "
+    for argv, why in [
+        (["--sub", "\udcff"], "UnicodeEncodeError: "),  # a command-line byte that is not UTF-8
+        (["--claim", ".".join(["a"] * 2000) + "=1"], "RecursionError: "),
+    ]:
+        code, _, err = run(capsys, "dev-token", *argv)
+        assert code == 2 and err.startswith(prefix + why), err
+    (tmp_path / "c.yaml").write_text("auth_time: 2026-01-01T00:00:00Z\n")
+    code, _, err = run(capsys, "dev-token", "--claims-file", str(tmp_path / "c.yaml"))
+    assert code == 2 and err.startswith(prefix + "TypeError: Object of type datetime is not JSON serializable")
+    (tmp_path / "nan.yaml").write_text("exp: .nan\n")
+    code, _, err = run(capsys, "dev-token", "--claims-file", str(tmp_path / "nan.yaml"))
+    assert code == 2 and err.startswith(prefix + "ValueError: Out of range float values are not JSON compliant")
+    # On the command line NaN is no JSON: the claim is the string "NaN".
+    code, out, _ = run(capsys, "dev-token", "--claim", "note=NaN")
+    assert code == 0
+    from joserfc import jwt
+    from joserfc.jwk import KeySet
+
+    keys = KeySet.import_key_set(json.loads((ROOT / "examples/keys/dev-jwks.json").read_text()))
+    assert jwt.decode(out.strip(), keys).claims["note"] == "NaN"
+    private = json.loads((ROOT / "examples/keys/dev-private-jwk.json").read_text())
+    public = {k: v for k, v in private.items() if k in ("kty", "n", "e", "kid", "alg")}
+    for name, jwk in [("none.json", {**private, "alg": "none"}), ("public.json", public)]:
+        (tmp_path / name).write_text(json.dumps(jwk))
+        code, _, err = run(capsys, "dev-token", "--key", str(tmp_path / name))
+        assert code == 2 and err.startswith(("stepup-sidecar dev-token: cannot make the token: ",
+                                             f"stepup-sidecar dev-token: --key {tmp_path}/{name}: ")), err  # fmt: skip
+
+
+def test_policy_scalars_of_the_wrong_node_kind_and_durations_beyond_a_century() -> None:
+    text = example_policy_text()
+    line = text[: text.index("realm: bank")].count("\n") + 1
+    for tag in ("!!map x", "!!set xyz"):
+        assert _problems(text.replace("realm: bank", f"realm: {tag}", 1), "p.yaml") == [
+            f"p.yaml:{line}:8: (document): invalid YAML: expected a mapping node, but found scalar"
+        ]
+    assert "max_age: 30m" in text
+    at = text[: text.index("max_age: 30m")].count("\n") + 1
+    for value, shown in [("9" * 5000 + "s", repr("9" * 5000 + "s")), ("9" * 4299 + "d", repr("9" * 4299 + "d")),
+                         ("3153600001", "3153600001"), ("99999999999d", "'99999999999d'")]:  # fmt: skip
+        [problem] = _problems(text.replace("max_age: 30m", f"max_age: {value}", 1), "p.yaml")
+        assert problem.startswith(f"p.yaml:{at}:")
+        assert "is not a duration (seconds up to 100 years, or e.g. 30s, 15m, 12h, 1d)" in problem
+        assert len(problem) < 300 and shown[:40] in problem
+    parse_text(text.replace("max_age: 30m", "max_age: 3153600000", 1), "p.yaml")  # 100 years is fine
+
+
+def test_explain_an_auth_age_of_thousands_of_digits_names_its_place(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(
+        capsys, "explain", "--policy", str(EXAMPLE_POLICY), "--http", BALANCE, "--claim", "sub=a", "--auth-age", "9" * 5000
+    )
+    assert code == 2 and err.startswith("stepup-sidecar explain: request.auth_age: '99999"), err
+    assert err.rstrip().endswith("is not a duration (e.g. 90, 90s, 15m)") or "is not a duration" in err

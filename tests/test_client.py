@@ -870,7 +870,7 @@ class Redirecting(FakeHttp):
         return super().__call__(request)
 
 
-@pytest.mark.parametrize("target", ["http://evil/x", "https://bank/x", "http://bank:8080/x"])
+@pytest.mark.parametrize("target", ["http://evil/x", "https://bank:8443/x", "http://bank:8080/x"])
 def test_httpx_a_challenge_from_another_origin_after_a_redirect_is_returned_unchanged(target: str) -> None:
     """httpx gives the flow the last response of the redirects it followed: a foreign server
     must not make the client log in again (and choose its acr_values)."""
@@ -892,6 +892,36 @@ def test_httpx_a_same_origin_redirect_still_steps_up() -> None:
         r = http.get("http://bank/go")
     assert r.status_code == 200 and len(cb.challenges) == 1
     assert [a for a, _ in handler.seen] == ["Bearer weak", "Bearer weak", "Bearer strong", "Bearer strong"]
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "steps_up"),
+    [("http://bank/go", "https://bank/v1/x", True),  # the HTTPS upgrade: httpx keeps the token
+     ("http://[FE80::1]/go", "http://[fe80::1]/v1/x", False),  # httpx compares hosts as written
+     ("http://bank.example./go", "http://bank.example/v1/x", False),
+     ("https://bank/go", "http://bank/v1/x", False)],
+)  # fmt: skip
+def test_httpx_steps_up_exactly_where_httpx_sends_the_token(first: str, then: str, steps_up: bool) -> None:
+    """A challenge is honoured only from a server the token reaches: elsewhere the retry could
+    not carry the new token either (httpx strips Authorization on the redirect)."""
+    seen: list[tuple[str, str | None]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.headers.get("authorization")))
+        if request.url.path == "/go":
+            return httpx.Response(302, headers={"location": then})
+        if request.headers.get("authorization") == "Bearer strong":
+            return httpx.Response(200)
+        challenge = 'Bearer error="insufficient_user_authentication", acr_values="phrh"'
+        return httpx.Response(401, headers={"www-authenticate": challenge})
+
+    cb = Callback("strong")
+    with httpx.Client(
+        transport=httpx.MockTransport(handler), auth=StepUpAuth(cb, token="weak"), follow_redirects=True
+    ) as http:
+        r = http.get(first)
+    assert (r.status_code, len(cb.challenges)) == ((200, 1) if steps_up else (401, 0))
+    assert seen[1] == (then, "Bearer weak" if steps_up else None)
 
 
 def test_httpx_async_client_awaits_an_async_callback() -> None:

@@ -13,8 +13,9 @@ challenge. Needs the `httpx` extra (`pip install 'stepup-sidecar[httpx]'`)::
   `response` set) is raised when there is no callback, when it returns None, or when the retry
   gets a step-up challenge again.
 - Every other response (200, 403, a 401 with error="invalid_token", ...) is returned unchanged,
-  and so is a challenge from another origin than the request's (a redirect followed to another
-  host, scheme or port): only the server the request was for can ask for a stronger login.
+  and so is a challenge from a server the token does not go to (a redirect followed to another
+  host, scheme or port, as httpx compares origins when it strips the Authorization header; the
+  HTTPS upgrade of the same host is the one exception httpx makes, and so is it here).
 
 With `httpx.AsyncClient`, `reauthenticate` may also be a coroutine function.
 """
@@ -90,12 +91,21 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
 
 
+def _token_goes_to(original: httpx.URL, final: httpx.URL) -> bool:
+    """Whether httpx, following redirects, sends the original request's Authorization header on
+    to `final`: the same origin as it compares them (scheme, host as written, port), or the
+    HTTPS upgrade of an http:80 URL on the same host."""
+    o, f = _origin(original), _origin(final)
+    return o == f or (o[1] == f[1] and o[0] == "http" and o[2] == 80 and f[0] == "https" and f[2] == 443)
+
+
 def _step_up(request: httpx.Request, response: httpx.Response) -> Challenge | None:
-    """The step-up challenge of a 401 from the request's own origin (httpx hands the flow the
-    last response of the redirects it followed, which may be another server's)."""
+    """The step-up challenge of a 401 from a server the token goes to (httpx hands the flow the
+    last response of the redirects it followed, which may be another server's: it must not make
+    the client log in again, and choose the acr_values)."""
     if response.status_code != 401:
         return None
-    if _origin(response.request.url) != _origin(request.url):
+    if not _token_goes_to(request.url, response.request.url):
         return None
     return bearer_step_up(response.headers.get_list("www-authenticate"))
 

@@ -729,7 +729,7 @@ class Telemetry:
                 ctx = span.get_span_context()
         elif parent is not None:
             ctx = trace.get_current_span(parent).get_span_context()
-        duration = (end_ns - start_ns) / 1e9
+        duration = max(0, end_ns - start_ns) / 1e9  # the wall clock may step back meanwhile
         if explain:
             self.metrics.explains.inc()
         else:

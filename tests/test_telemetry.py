@@ -290,3 +290,28 @@ def test_an_allow_from_a_template_is_the_same_bytes(subject: str) -> None:
     ):
         for did in ("0123456789abcdef", "fedcba9876543210"):
             assert _response.allow_bytes(d, did, hdrs) == _response.allow(d, did, hdrs).SerializeToString()
+
+
+def test_a_wall_clock_that_steps_back_mid_check_gives_duration_0_not_negative() -> None:
+    """start_ns and the end are wall-clock time (a span's times are): a step back (NTP) between
+    them must not give a negative duration_us (the schema's minimum is 0) or histogram value."""
+    import asyncio
+    import io
+    import time as _time
+
+    import jsonschema
+
+    from sidecar.compiler import load_policy
+    from sidecar.runtime import Runtime
+    from sidecar.telemetry import Telemetry
+    from tests.helpers import EXAMPLE_POLICY, NOW, FixedClock, check_request
+
+    log = io.StringIO()
+    tel = Telemetry(None, decision_log=log, metrics=Metrics())
+    rt = Runtime(load_policy(EXAMPLE_POLICY), tel, FixedClock(NOW))
+    ev = asyncio.run(rt.evaluate(check_request("/bank.v1.Payments/Transfer")))
+    rt.record(ev, "f" * 16, _time.time_ns() + 5 * 10**9)  # started "5 s from now"
+    doc = _json.loads(log.getvalue())
+    jsonschema.validate(doc, _LINE_SCHEMA)
+    assert doc["duration_us"] == 0
+    assert tel.metrics.registry.get_sample_value("stepup_check_duration_seconds_sum") == 0

@@ -245,3 +245,30 @@ def test_non_finite_numbers_in_a_signed_token_are_refused(engine: Engine, name: 
     d = _decide(engine, sign(DEV_HEADER, payload), BALANCE)
     assert (d.http_status, d.error) == (401, "invalid_token")
     assert d.reason in ("invalid_claim", "malformed_token", "token_issued_in_future", "token_not_yet_valid")
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "refused"),
+    [
+        ("unused claim, lone high surrogate", '"x": "\\ud800"', True),  # `make fuzz`, 2026-12-03
+        ("unused claim, lone low surrogate", '"note": ["a", "\\udc00"]', True),
+        ("a claim name", '"\\udfff": 1', True),
+        ("a pair is one character", '"x": "\\ud83d\\udd12"', False),
+        ("upper-case escape digits", '"x": "\\uD800"', True),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_a_lone_surrogate_anywhere_in_a_signed_token_is_a_malformed_token(
+    engine: Engine, name: str, extra: str, refused: bool
+) -> None:
+    """json.loads takes a lone surrogate escape; it is no text (RFC 8259 §8.2, RFC 7493), and the
+    reference evaluator refuses the token: so does the sidecar, whether the claim is used or not."""
+    payload = (
+        f'{{"iss": "{ISSUER}", "aud": "bank-api", "sub": "mallory", "roles": ["teller"], "amr": ["pwd"],'
+        f' "exp": {NOW + 600}, {extra}}}'
+    )
+    d = _decide(engine, sign(DEV_HEADER, payload), BALANCE)
+    if refused:
+        assert (d.http_status, d.reason, d.error) == (401, "malformed_token", "invalid_token")
+    else:
+        assert (d.http_status, d.reason) == (200, "allowed")

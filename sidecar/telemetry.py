@@ -201,6 +201,8 @@ class BoundedSpanProcessor(SpanProcessor):
         self._stop = threading.Event()
         self._flush_request = threading.Event()
         self._force = False
+        self._busy = False
+        self.shutdown_timeout = 10.0  # seconds the last export may take at shutdown
         self._worker = threading.Thread(target=self._run, name="stepup-span-export", daemon=True)
         self._worker.start()
 
@@ -235,12 +237,24 @@ class BoundedSpanProcessor(SpanProcessor):
         return batch
 
     def _export(self, batch: list[ReadableSpan | _FastSpan]) -> None:
+        self._busy = True  # force_flush waits for the batch in flight too, not only the queue
+        try:
+            self._send(batch)
+        finally:
+            self._busy = False
+
+    def _send(self, batch: list[ReadableSpan | _FastSpan]) -> None:
         fast = [s for s in batch if isinstance(s, _FastSpan)]
         sdk = [s for s in batch if not isinstance(s, _FastSpan)] if len(fast) < len(batch) else []
         sends: list[tuple[list[Any], Any]] = [(fast, getattr(self.exporter, "export_fast", None))]
         sends.append((sdk, self.exporter.export))
         for part, send in sends:
-            if not part or send is None:
+            if not part:
+                continue
+            if send is None:  # fast spans for an exporter that cannot take them (not made so)
+                self.dropped += len(part)
+                if self.metrics is not None:
+                    self.metrics.spans_dropped.inc(len(part))
                 continue
             try:
                 result = send(part)
@@ -269,14 +283,21 @@ class BoundedSpanProcessor(SpanProcessor):
         self._force = True
         self._flush_request.set()
         deadline = time.monotonic() + timeout_millis / 1000
-        while self.queue and time.monotonic() < deadline:
+        while (self.queue or self._busy) and time.monotonic() < deadline:
             time.sleep(0.01)
-        return not self.queue
+        return not (self.queue or self._busy)
 
     def shutdown(self) -> None:
         self._stop.set()
         self._flush_request.set()
-        self._worker.join(10)
+        self._worker.join(self.shutdown_timeout)
+        left = len(self.queue)  # a collector too slow to take the rest within 10 s: counted
+        if left:
+            self.queue.clear()
+            self.dropped += left
+            if self.metrics is not None:
+                self.metrics.spans_dropped.inc(left)
+            log.warning("%d spans not exported at shutdown (the collector was too slow)", left)
         self.exporter.shutdown()
 
 
@@ -340,6 +361,23 @@ _STABLE = frozenset(
 _STABLE_KV: dict[tuple[str, type, Any], bytes] = {}
 
 
+_SCALARS = (str, bool, int, float)
+_INT64 = range(-(2**63), 2**63)
+
+
+def _encodable(v: Any) -> bool:
+    """A value an OTLP attribute holds as the SDK sends it: text, a bool, an int64, a float, or
+    a sequence of those."""
+    t = type(v)
+    if t is str or t is bool or t is float:
+        return True
+    if t is int:
+        return v in _INT64
+    if t is list or t is tuple:
+        return all(type(x) in _SCALARS and (type(x) is not int or x in _INT64) for x in v)
+    return False
+
+
 def _key(keys: dict[str, bytes], k: str) -> bytes:
     key = keys.get(k)
     if key is None:
@@ -377,7 +415,9 @@ class _FastSpan:
             b"\x41", struct.pack("<Q", self.end),
         )  # fmt: skip
         for k, v in self.attrs.items():
-            if k in _STABLE and type(v) is not list:
+            if not _encodable(v):
+                continue  # the SDK drops such an attribute too (None, a mapping, beyond int64)
+            if k in _STABLE and type(v) in _SCALARS:
                 ck = (k, type(v), v)  # the type too: True == 1 == 1.0 as dict keys
                 kv = _STABLE_KV.get(ck)
                 if kv is None:
@@ -407,15 +447,18 @@ class FastSpans:
     ) -> tuple[int, int]:
         """The new span's trace id and span id (made, as the SDK makes them, also when the sampler
         drops it: the decision log names them)."""
-        pctx = trace.get_current_span(parent).get_span_context() if parent is not None else None
+        # As the SDK's tracer: no context means the current one (an ambient span is the parent).
+        pctx: trace.SpanContext | None = trace.get_current_span(parent).get_span_context()
         if pctx is None or not pctx.is_valid:
             pctx = None
             trace_id = self.ids.generate_trace_id()
         else:
             trace_id = pctx.trace_id
-        result = self.sampler.should_sample(parent, trace_id, name, SpanKind.SERVER, attrs, None)
+        result = self.sampler.should_sample(parent, trace_id, name, SpanKind.SERVER, attrs, ())
         span_id = self.ids.generate_span_id()
         if result.decision.is_sampled():  # type: ignore[no-untyped-call]
+            if result.attributes is not None and result.attributes is not attrs:
+                attrs = dict(result.attributes)  # the span holds what the sampler returned
             ts = result.trace_state
             self.processor.put(
                 _FastSpan(
@@ -723,7 +766,9 @@ class Telemetry:
                     name, context=parent, kind=SpanKind.SERVER, start_time=start_ns, attributes=span_attrs
                 )
                 if error is not None:
-                    span.record_exception(error)
+                    # The exception's type only: its message and stack trace can quote request
+                    # content (a header, the token), as log_internal_error knows.
+                    span.add_event("exception", {"exception.type": type(error).__name__})
                     span.set_status(Status(StatusCode.ERROR, type(error).__name__))
                 span.end(end_time=end_ns)
                 ctx = span.get_span_context()

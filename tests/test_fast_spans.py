@@ -230,3 +230,94 @@ def test_kept_encodings_tell_true_from_1_and_the_cache_stays_bounded() -> None:
     for i in range(3000):  # a method token is the caller's: many distinct ones
         _FastSpan(SPAN_NAME, 1, 2, 0, False, "", 1, 2, {"http.request.method": f"M{i}"}).encode({})
     assert len(telemetry._STABLE_KV) <= 1024
+
+
+# --- red-team round 4 (helper-11) ----------------------------------------------------------------
+
+
+class Redacting(Sampler):
+    """A sampler that reads the links (the SDK passes a sequence) and returns its own attributes:
+    the subject removed, one added."""
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str, kind: Any = None,
+                      attributes: Any = None, links: Any = None, trace_state: Any = None) -> Any:  # fmt: skip
+        from opentelemetry.sdk.trace.sampling import Decision, SamplingResult
+
+        assert len(links) == 0
+        kept = {k: v for k, v in (attributes or {}).items() if k != "authz.subject"}
+        return SamplingResult(Decision.RECORD_AND_SAMPLE, {**kept, "sampler.name": "redacting"})
+
+    def get_description(self) -> str:
+        return "Redacting"
+
+
+def test_a_custom_sampler_sees_links_and_its_attributes_are_the_spans() -> None:
+    readable, _, fast, _ = both(Redacting(), PARENTS["remote sampled"], DECISION, 7)
+    assert readable is not None and fast is not None
+    assert "authz.subject" not in fast.attrs and fast.attrs["sampler.name"] == "redacting"
+    assert fast.encode({}) == sdk_span_bytes(readable)
+
+
+def test_no_context_means_the_current_one_as_for_the_sdk() -> None:
+    ambient = trace.SpanContext(0xABCDEF, 0x1122, is_remote=False, trace_flags=TraceFlags(1))
+    with trace.use_span(trace.NonRecordingSpan(ambient)):
+        readable, ctx, fast, ids = both(ParentBased(ALWAYS_ON), None, DECISION, 3)
+    assert ids == (ctx.trace_id, ctx.span_id) and ctx.trace_id == 0xABCDEF
+    assert readable is not None and fast is not None
+    assert fast.encode({}) == sdk_span_bytes(readable)
+
+
+def test_values_the_sdk_would_drop_are_dropped_not_mangled() -> None:
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    attrs = {"a": 2**64 + 5, "b": None, "authz.outcome": {"x": 1}, "c": [1, 2**70], "d": -(2**63), "e": "ok"}
+    (kv_d, kv_e) = trace_pb2.Span.FromString(_FastSpan(SPAN_NAME, 1, 2, 0, False, "", 1, 2, attrs).encode({})).attributes
+    assert (kv_d.key, kv_d.value.int_value, kv_e.key, kv_e.value.string_value) == ("d", -(2**63), "e", "ok")
+
+
+def test_an_error_span_names_the_exception_type_only() -> None:
+    """Its message can quote request content (here a token): the span gets the type, as the log."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from sidecar.decision import Decision, Outcome
+    from sidecar.telemetry import Metrics, Telemetry
+
+    mem = InMemorySpanExporter()
+    provider = TracerProvider(resource=RESOURCE)
+    provider.add_span_processor(SimpleSpanProcessor(mem))
+    tel = Telemetry(provider, decision_log=None, metrics=Metrics())
+    secret = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln"
+    tel.record(
+        decision=Decision(Outcome.DENY, "internal_error", 403), attrs=None, decision_id="0" * 16,
+        policy_version="v", start_ns=1, parent=None, error=KeyError(f"Bearer {secret}"),
+    )  # fmt: skip
+    (span,) = mem.get_finished_spans()
+    assert [(e.name, dict(e.attributes or {})) for e in span.events] == [("exception", {"exception.type": "KeyError"})]
+    assert span.status.description == "KeyError"
+    assert secret not in repr([span.attributes, [e.attributes for e in span.events], span.status])
+
+
+def test_spans_still_queued_at_shutdown_are_counted_as_dropped() -> None:
+    import threading
+
+    from sidecar.telemetry import Metrics
+
+    release = threading.Event()
+
+    class Stuck(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            release.wait(5)
+            return SpanExportResult.SUCCESS
+
+        export_fast = export
+
+    metrics = Metrics()
+    proc = BoundedSpanProcessor(Stuck(), metrics)
+    proc.max_batch, proc.shutdown_timeout = 2, 0.3
+    for i in range(6):
+        proc.put(_FastSpan(SPAN_NAME, 1, i + 1, 0, False, "", 1, 2, {}))
+    assert not proc.force_flush(300)  # the batch in flight counts: not flushed
+    proc.shutdown()
+    release.set()
+    assert proc.dropped == 4  # one batch of 2 was taken by the stuck export, 4 never left
+    assert metrics.registry.get_sample_value("stepup_spans_dropped_total") == 4

@@ -305,6 +305,76 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
             seen.add(key)
         return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
 
+    def construct_document(self, node: yaml.Node) -> Any:
+        """The document built by `_fast_document` when it can be (every node a plain mapping,
+        sequence or scalar of the core types: what a policy is), else by PyYAML's constructor."""
+        try:
+            return _fast_document(self, node)
+        except _NotFast:
+            return super().construct_document(node)
+
+
+_TAG = "tag:yaml.org,2002:"
+_FAST_SCALARS = frozenset(_TAG + t for t in ("null", "bool", "int", "float", "timestamp"))
+_STR, _MAP, _SEQ = _TAG + "str", _TAG + "map", _TAG + "seq"
+_SPECIAL_KEYS = frozenset((_TAG + "merge", _TAG + "value"))
+
+
+class _NotFast(Exception):
+    """A node `_fast_document` leaves to PyYAML: a merge key, a set, an ordered map, a custom or
+    unknown tag, a key that is a mapping or a sequence, ..."""
+
+
+def _fast_document(loader: Any, root: yaml.Node) -> Any:
+    """What PyYAML's SafeConstructor (with `_Loader`'s duplicate-key refusal) builds from the
+    composed nodes, built in a loop instead of through a generator and three calls a node: a
+    100,000-rule policy loads in ~40 % of the time. Containers are made first and filled after,
+    so an alias is the same object, as with PyYAML. Scalars other than text go through the
+    loader's own constructors (located errors). Checked against PyYAML's result in
+    tests/test_policy_yaml_fast.py."""
+    made: dict[int, Any] = {}
+    fill: list[tuple[yaml.Node, Any]] = []
+    constructors = loader.yaml_constructors
+
+    def get(node: yaml.Node) -> Any:
+        key = id(node)
+        if key in made:
+            return made[key]
+        tag, kind = node.tag, type(node)
+        if kind is yaml.ScalarNode:
+            if tag == _STR:
+                value: Any = node.value
+            elif tag in _FAST_SCALARS:
+                value = constructors[tag](loader, node)
+            else:
+                raise _NotFast
+        elif kind is yaml.MappingNode and tag == _MAP:
+            value = {}
+            fill.append((node, value))
+        elif kind is yaml.SequenceNode and tag == _SEQ:
+            value = []
+            fill.append((node, value))
+        else:
+            raise _NotFast
+        made[key] = value
+        return value
+
+    result = get(root)
+    while fill:
+        node, obj = fill.pop()
+        if type(obj) is list:
+            obj.extend([get(v) for v in node.value])
+            continue
+        seen: set[Any] = set()
+        for knode, vnode in node.value:
+            if type(knode) is not yaml.ScalarNode or knode.tag in _SPECIAL_KEYS:
+                raise _NotFast
+            if knode.value in seen:
+                raise _DupKey((), knode.value, knode.start_mark.line + 1, knode.start_mark.column + 1)
+            seen.add(knode.value)
+            obj[get(knode)] = get(vnode)
+    return result
+
 
 class _DupKey(Exception):
     def __init__(self, path: PathT, key: Any, line: int, column: int) -> None:

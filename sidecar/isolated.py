@@ -182,12 +182,16 @@ def _read(stream: IO[bytes]) -> tuple[dict[str, Any], Iterator[bytes]]:
 
 
 def _assemble(document: dict[str, Any], lines: Iterator[bytes]) -> dict[str, Any]:
-    """The document with its rule lists filled from the lines (`["s"|"p", rule]` each)."""
+    """The document with its rule lists filled from the lines (`["s"|"p", rule]` each, or
+    `["S"|"P", [rule, ...]]`: a whole table)."""
     sens: list[Any] = []
     perms: list[Any] = []
     for line in lines:
         kind, rule = json.loads(line)
-        (sens if kind == "s" else perms).append(rule)
+        if kind in ("S", "P"):
+            (sens if kind == "S" else perms).extend(rule)
+        else:
+            (sens if kind == "s" else perms).append(rule)
     document["sensitivity"]["rules"] = sens
     document["permissions"] = perms
     return document
@@ -233,10 +237,16 @@ def _child(argv: list[str], out: IO[bytes]) -> int:
     digest = content_digest(text)
     write: Callable[[bytes], Any] = out.write
     write(json.dumps({"ok": True, "digest": digest, "document": data}).encode() + b"\n")
-    for rule in sens:
-        write(json.dumps(["s", rule], separators=(",", ":")).encode() + b"\n")
-    for rule in perms:
-        write(json.dumps(["p", rule], separators=(",", ":")).encode() + b"\n")
+    if "--parse-only" in argv[1:]:
+        # The start-up load (nothing is served yet): each table as one line, a quarter of the
+        # time of a line per rule to write and to read.
+        write(json.dumps(["S", sens], separators=(",", ":")).encode() + b"\n")
+        write(json.dumps(["P", perms], separators=(",", ":")).encode() + b"\n")
+    else:
+        for rule in sens:
+            write(json.dumps(["s", rule], separators=(",", ":")).encode() + b"\n")
+        for rule in perms:
+            write(json.dumps(["p", rule], separators=(",", ":")).encode() + b"\n")
     out.flush()
     return 0
 

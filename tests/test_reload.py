@@ -250,3 +250,18 @@ def test_sighup_reloads_a_serving_sidecar_through_the_isolated_loader(tmp_path: 
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
     assert "policy reloaded" in err and "policy reload rejected" in err and "invalid YAML" in err
+
+
+@pytest.mark.parametrize("compile_in_child", [True, False], ids=["reload: a line per rule", "start-up: a line per table"])
+def test_a_large_policy_loaded_isolated_decides_as_the_in_process_one(tmp_path: Path, compile_in_child: bool) -> None:
+    from bench.decide import generated_policy
+    from sidecar.attributes import from_check_request
+
+    path = generated_policy(2_000, tmp_path)
+    isolated, local = load_isolated(path, compile_in_child=compile_in_child), load_policy(path)
+    assert isolated.version == local.version
+    for i in (0, 1, 97, 500, 999, 1_000, 1_999):
+        a = from_check_request(check_request(f"/gen{i % 97}.v1.Service{i}/Get"))
+        got, want = Engine(isolated).decide(a, 0), Engine(local).decide(a, 0)
+        assert (got.reason, got.matched_rules) == (want.reason, want.matched_rules)
+        assert got.matched_rules == ((f"s{i}",) if i < 1_000 else ())

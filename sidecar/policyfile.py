@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -127,10 +128,14 @@ def _node_marks(root: yaml.Node) -> dict[PathT, tuple[int, int]]:
     """The line and column of every node by its path (a loop, not recursion: a document nested
     a thousand deep is located too). Raises _DupKey at a mapping's second use of a key."""
     marks: dict[PathT, tuple[int, int]] = {}
+    walked: set[int] = set()  # an alias is the node it names: walked once (`&r [*r]` is endless)
     todo: list[tuple[yaml.Node, PathT]] = [(root, ())]
     while todo:
         node, path = todo.pop()
         marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if id(node) in walked:
+            continue
+        walked.add(id(node))
         if isinstance(node, yaml.MappingNode):
             seen: set[str] = set()
             for knode, vnode in node.value:
@@ -359,20 +364,30 @@ def _fast_document(loader: Any, root: yaml.Node) -> Any:
         made[key] = value
         return value
 
+    # In PyYAML's order, so that the first problem found is the one it finds: containers filled
+    # level by level in document order (its state generators), a mapping's duplicate keys
+    # refused before any of its entries is built (`_Loader.construct_mapping`), a key before
+    # its value.
     result = get(root)
-    while fill:
-        node, obj = fill.pop()
+    queue = deque(fill)
+    fill.clear()
+    while queue:
+        node, obj = queue.popleft()
         if type(obj) is list:
             obj.extend([get(v) for v in node.value])
-            continue
-        seen: set[Any] = set()
-        for knode, vnode in node.value:
-            if type(knode) is not yaml.ScalarNode or knode.tag in _SPECIAL_KEYS:
-                raise _NotFast
-            if knode.value in seen:
-                raise _DupKey((), knode.value, knode.start_mark.line + 1, knode.start_mark.column + 1)
-            seen.add(knode.value)
-            obj[get(knode)] = get(vnode)
+        else:
+            seen: set[Any] = set()
+            for knode, _ in node.value:
+                if type(knode) is not yaml.ScalarNode or knode.tag in _SPECIAL_KEYS:
+                    raise _NotFast
+                if knode.value in seen:
+                    raise _DupKey((), knode.value, knode.start_mark.line + 1, knode.start_mark.column + 1)
+                seen.add(knode.value)
+            for knode, vnode in node.value:
+                key = get(knode)
+                obj[key] = get(vnode)
+        queue.extend(fill)
+        fill.clear()
     return result
 
 

@@ -44,6 +44,8 @@ def typed(x: Any) -> Any:
 def outcome(text: str, loader: type) -> Any:
     try:
         return ("ok", typed(yaml.load(text, Loader=loader)))
+    except policyfile._DupKey as e:
+        return ("error", "_DupKey", e.key, e.line, e.column)
     except Exception as e:
         return ("error", type(e).__name__, str(e))
 
@@ -87,6 +89,13 @@ EDGES = [
     "a: \"\\u00e9\\t\"\nb: 'it''s'\n",
     "? a\n",  # a key without a value
     "a:\n",
+    # Several problems: the first found must be the one PyYAML finds (red-team helper-12).
+    "a: 2026-02-30\na: 1\n",  # a mapping's duplicate keys before any of its values
+    "2026-02-30: 2026-02-31\n",  # a key before its value
+    "a: [2026-02-30]\nb: [2026-02-31]\n",  # containers in document order
+    "b: {d: !custom x}\nc: {x: 1, x: 2}\n",
+    "a: {b: {c: 2026-02-30}}\nd: [2026-02-31]\n",  # level by level
+    "b: {d: !custom x}\nc: [2026-02-30]\nr: &r [*r]\n",
 ]
 
 
@@ -131,3 +140,31 @@ def test_a_duplicate_key_is_still_reported_with_its_place() -> None:
         parse_text(text, "p.yaml")
     line = text[: text.index("realm: other")].count("\n") + 1
     assert [str(p) for p in e.value.problems] == [f"p.yaml:{line}:1: realm: duplicate key"]
+
+
+def test_a_problem_in_a_document_that_refers_to_itself_is_located_at_once() -> None:
+    """Locating a problem walks the nodes: an alias to an ancestor is walked once (it looped,
+    growing paths until memory ran out)."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(PolicyError) as e:
+        parse_text("c: [2026-02-30]\nr: &r [*r]\n", "p.yaml")
+    assert time.monotonic() - t0 < 5
+    assert [str(p) for p in e.value.problems] == [
+        "p.yaml:1:5: c[0]: '2026-02-30' is not a date or time (day is out of range for month)"
+    ]
+
+
+def test_the_first_problem_of_a_policy_is_the_one_pyyaml_finds() -> None:
+    """A duplicate key in the first permission and an impossible date in the last: the duplicate
+    is reported, as before the loader built documents itself (helper-12 found the date)."""
+    text = example_policy_text()
+    assert "  - id: tellers-read\n" in text
+    bad = text.replace("  - id: tellers-read\n", "  - id: tellers-read\n    id: again\n", 1)
+    assert "  - id: admins\n" in bad
+    bad = bad.replace("  - id: admins\n", "  - id: admins\n    note: 2026-02-30\n", 1)
+    line = bad[: bad.index("    id: again")].count("\n") + 1
+    with pytest.raises(PolicyError) as e:
+        parse_text(bad, "p.yaml")
+    assert [str(p) for p in e.value.problems] == [f"p.yaml:{line}:5: permissions[0].id: duplicate key"]

@@ -970,8 +970,10 @@ def trace_ids(headers: Mapping[str, str]) -> tuple[str, str]:
                 and tid != _ZERO_TRACE and sid != _ZERO_SPAN
             ):  # fmt: skip
                 return tid, sid
-        sc = _parse_traceparent(tp)
-        return (format(sc.trace_id, "032x"), format(sc.span_id, "016x")) if sc is not None else ("", "")
+        # Anything else as OpenTelemetry reads it (the traced path's reading): a later version
+        # with more fields, surrounding blanks; version ff, 00 with more fields, upper case: none.
+        sc = trace.get_current_span(_DefaultPropagator._W3C.extract({"traceparent": tp})).get_span_context()
+        return (format(sc.trace_id, "032x"), format(sc.span_id, "016x")) if sc.is_valid else ("", "")
     b3 = headers.get("b3")
     if b3 is not None:
         parts = b3.split("-")

@@ -315,3 +315,30 @@ def test_a_wall_clock_that_steps_back_mid_check_gives_duration_0_not_negative() 
     jsonschema.validate(doc, _LINE_SCHEMA)
     assert doc["duration_us"] == 0
     assert tel.metrics.registry.get_sample_value("stepup_check_duration_seconds_sum") == 0
+
+
+_TID, _SID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        f"00-{_TID}-{_SID}-01", f"01-{_TID}-{_SID}-01-what-comes-later", f"cc-{_TID}-{_SID}-00",
+        f" \t00-{_TID}-{_SID}-01 ", f"ff-{_TID}-{_SID}-01", f"00-{_TID}-{_SID}-01-extra",
+        f"00-{_TID.upper()}-{_SID}-01", f"00-{_TID}-{_SID}", f"00-{'0' * 32}-{_SID}-01", f"00-{_TID}-{'0' * 16}-01",
+        f"00-{_TID}-{_SID}-01,00-{_TID}-{_SID}-01", f"0-{_TID}-{_SID}-01", "", f"01-{_TID}-{_SID}-01" + "x" * 600,
+    ],
+)  # fmt: skip
+def test_the_untraced_log_reads_a_traceparent_as_the_traced_path_does(traceparent: str) -> None:
+    """trace_ids (no tracing) and the propagator (tracing) name the same caller's ids, whatever
+    the version and blanks (red-team helper-10: a later version was dropped when untraced)."""
+    from opentelemetry import trace as _trace
+
+    from sidecar.telemetry import build_propagator, trace_ids
+
+    sc = _trace.get_current_span(build_propagator().extract({"traceparent": traceparent})).get_span_context()
+    expected = (format(sc.trace_id, "032x"), format(sc.span_id, "016x")) if sc.is_valid else ("", "")
+    assert trace_ids({"traceparent": traceparent}) == expected
+    valid = {f"00-{_TID}-{_SID}-01", f"01-{_TID}-{_SID}-01-what-comes-later", f"cc-{_TID}-{_SID}-00",
+             f" \t00-{_TID}-{_SID}-01 "}  # fmt: skip
+    assert (expected == (_TID, _SID)) == (traceparent in valid)

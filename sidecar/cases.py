@@ -46,6 +46,7 @@ from sidecar._proto.envoy.service.auth.v3 import attribute_context_pb2, external
 from sidecar.attributes import JWT_AUTHN_NAMESPACE
 from sidecar.policy import Policy
 from sidecar.policyfile import parse_duration
+from sidecar.text import is_text
 from sidecar.tokens import AuthError, Trust, Verified, Verifier
 
 REQUEST_KEYS = frozenset(
@@ -101,14 +102,12 @@ def _text(value: Any, where: str) -> str:
     """The value as text a CheckRequest can carry: UTF-8 cannot encode a lone surrogate (YAML's
     "\\udc80", JSON's too, or a command-line byte that is not UTF-8)."""
     text = str(value)
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise CaseError(
-                f"{where}: {text!r} is not text UTF-8 can carry (a lone surrogate,"
-                f" U+{ord(text[e.start]):04X}, at character {e.start})"
-            ) from None
+    if not is_text(text):
+        at = next(i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff")
+        raise CaseError(
+            f"{where}: {text!r} is not text UTF-8 can carry (a lone surrogate,"
+            f" U+{ord(text[at]):04X}, at character {at})"
+        )
     return text
 
 

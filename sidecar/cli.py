@@ -337,6 +337,25 @@ def parse_claim(text: str) -> tuple[str, Any]:
     return path, value
 
 
+def _fail(command: str, message: str) -> int:
+    """Exit status 2 with `stepup-sidecar COMMAND: message` on stderr."""
+    print(f"stepup-sidecar {command}: {message}", file=sys.stderr)
+    return 2
+
+
+def _load_yaml_file(path: str) -> Any:
+    """A YAML (or JSON) file's document. OSError when it cannot be read; ValueError naming the
+    file, the place and the problem when it is not UTF-8 or not YAML."""
+    from sidecar.policyfile import YAMLProblem, load_yaml
+
+    try:
+        return load_yaml(Path(path).read_text(encoding="utf-8"))
+    except YAMLProblem as e:
+        raise ValueError(e.at(path)) from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
 def _explain(args: argparse.Namespace) -> int:
     from sidecar import explain
     from sidecar.cases import CaseError, PresetVerifier, build_request
@@ -346,27 +365,19 @@ def _explain(args: argparse.Namespace) -> int:
 
     desc: dict[str, Any] = {}
     if args.request:
-        from sidecar.policyfile import YAMLProblem, load_yaml
-
         try:
-            loaded = load_yaml(Path(args.request).read_text(encoding="utf-8"))
+            loaded = _load_yaml_file(args.request)
         except OSError as e:
-            print(f"stepup-sidecar explain: {args.request}: cannot read: {e.strerror}", file=sys.stderr)
-            return 2
-        except YAMLProblem as e:
-            print(f"stepup-sidecar explain: {e.at(args.request)}", file=sys.stderr)
-            return 2
-        except UnicodeDecodeError as e:
-            print(f"stepup-sidecar explain: {args.request}: not UTF-8 text (byte {e.start})", file=sys.stderr)
-            return 2
+            return _fail("explain", f"{args.request}: cannot read: {e.strerror}")
+        except ValueError as e:
+            return _fail("explain", str(e))
         request = loaded.get("request", loaded) if isinstance(loaded, dict) else None
         if not isinstance(request, dict):
-            print(
-                f"stepup-sidecar explain: {args.request}: a request description is a mapping"
+            return _fail(
+                "explain",
+                f"{args.request}: a request description is a mapping"
                 " (or a test case, with `request:` a mapping)",
-                file=sys.stderr,
             )
-            return 2
         desc = dict(request)
     for flag, key in (
         ("http", "http"),
@@ -393,15 +404,11 @@ def _explain(args: argparse.Namespace) -> int:
         policy = load_policy(args.policy)
         built = build_request(desc, policy, "request")
     except PolicyError as e:
-        print(f"stepup-sidecar explain: the policy is invalid:\n{e}", file=sys.stderr)
-        return 2
+        return _fail("explain", f"the policy is invalid:\n{e}")
     except (CaseError, ValueError) as e:
-        print(f"stepup-sidecar explain: {e}", file=sys.stderr)
-        return 2
+        return _fail("explain", str(e))
     except Exception as e:  # what no check of build_request foresaw: named, never a traceback
-        why = f"{type(e).__name__}: {e}"
-        print(f"stepup-sidecar explain: the request cannot be built: {why}", file=sys.stderr)
-        return 2
+        return _fail("explain", f"the request cannot be built: {type(e).__name__}: {e}")
     verifier = PresetVerifier()
     verifier.presets.update(built.presets)
     runtime = Runtime(
@@ -425,19 +432,16 @@ def _dev_token(args: argparse.Namespace) -> int:
         if not isinstance(data, dict):
             raise ValueError("not a JWK (a JSON object)")
     except OSError as e:
-        print(f"stepup-sidecar dev-token: --key {args.key}: cannot read: {e.strerror}", file=sys.stderr)
-        return 2
+        return _fail("dev-token", f"--key {args.key}: cannot read: {e.strerror}")
     except (ValueError, RecursionError) as e:
-        print(f"stepup-sidecar dev-token: --key {args.key}: {e}", file=sys.stderr)
-        return 2
+        return _fail("dev-token", f"--key {args.key}: {e}")
     if str(data.get("kid", "")).startswith("dev-") is False and not args.allow_any_key:
         print("refusing: this is not the example development key (use --allow-any-key)", file=sys.stderr)
         return 2
     try:
         key = import_key(data)
     except (JoseError, ValueError, TypeError) as e:
-        print(f"stepup-sidecar dev-token: --key {args.key}: not a usable private JWK: {e}", file=sys.stderr)
-        return 2
+        return _fail("dev-token", f"--key {args.key}: not a usable private JWK: {e}")
     now = int(time.time())
     claims: dict[str, Any] = {
         "iss": args.issuer,
@@ -457,20 +461,14 @@ def _dev_token(args: argparse.Namespace) -> int:
         claims["amr"] = [m for m in args.amr.split(",") if m]
     try:
         if args.claims_file:
-            from sidecar.policyfile import YAMLProblem, load_yaml
-
-            try:
-                extra = load_yaml(Path(args.claims_file).read_text(encoding="utf-8"))
-            except YAMLProblem as e:
-                raise ValueError(e.at(args.claims_file)) from None
+            extra = _load_yaml_file(args.claims_file)
             if not isinstance(extra, dict):
                 raise ValueError(f"{args.claims_file}: not a mapping of claims")
             claims.update(extra)
         for c in args.claim:
             set_path(claims, *parse_claim(c))
     except (OSError, ValueError) as e:
-        print(f"stepup-sidecar dev-token: {e}", file=sys.stderr)
-        return 2
+        return _fail("dev-token", str(e))
     try:
         header = {"alg": str(data.get("alg", "RS256")), "kid": str(data.get("kid", "")), "typ": "JWT"}
         # allow_nan=False: a NaN or an infinity from the claims file would not be JSON.
@@ -479,8 +477,7 @@ def _dev_token(args: argparse.Namespace) -> int:
     except (JoseError, ValueError, TypeError, RecursionError) as e:
         # A claim JSON cannot hold (a YAML date, a set, text UTF-8 cannot carry, nesting too
         # deep) or a key that cannot sign with its algorithm.
-        print(f"stepup-sidecar dev-token: cannot make the token: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        return _fail("dev-token", f"cannot make the token: {type(e).__name__}: {e}")
     print(token)
     return 0
 

@@ -17,6 +17,7 @@ from typing import Any
 from sidecar import reasons as R
 from sidecar.assurance import IssuerAcr, level_from_claims
 from sidecar.keys import KeyProvider
+from sidecar.text import is_text
 from sidecar.tokens import MAX_TOKEN_BYTES, AuthError, BoundedCache, Trust, Verified, Verifier
 
 __all__ = ["MAX_TOKEN_BYTES", "AuthError", "ClaimNames", "Identity", "IdentityMapper", "IssuerConfig"]
@@ -190,7 +191,7 @@ class IdentityMapper:
     ) -> Identity:
         names = cfg.claims
         sub = _claim(claims, names.subject)
-        if not isinstance(sub, str) or not sub or not _utf8(sub) or _CONTROL.search(sub):
+        if not isinstance(sub, str) or not sub or not is_text(sub) or _CONTROL.search(sub):
             # The subject goes to the upstream in a header: text without control characters.
             raise AuthError(R.INVALID_CLAIM, f"the token has no valid string '{names.subject}'")
         acr = _strings(claims, names.acr, "acr")
@@ -257,20 +258,8 @@ def _strings(claims: Mapping[str, Any], path: str, what: str, *, split: bool = F
     v = _claim(claims, path)
     if v is None:
         return ()
-    if isinstance(v, str) and _utf8(v):
+    if isinstance(v, str) and is_text(v):
         return tuple(x for x in v.split(" ") if x) if split else (v,)
-    if isinstance(v, list) and all(isinstance(x, str) and _utf8(x) for x in v):
+    if isinstance(v, list) and all(isinstance(x, str) and is_text(x) for x in v):
         return tuple(v)
     raise AuthError(R.INVALID_CLAIM, f"'{what}' has the wrong type")
-
-
-def _utf8(s: str) -> bool:
-    """Whether a JSON string is text: json.loads accepts lone surrogates ("\\ud800"), which no
-    header, span or log line can carry."""
-    if s.isascii():
-        return True
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

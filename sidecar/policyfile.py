@@ -18,6 +18,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from sidecar.text import SURROGATE_ESCAPE, is_text
+
 PathT = tuple[str | int, ...]
 
 
@@ -260,11 +262,8 @@ def load_yaml(text: str) -> Any:
             raise YAMLProblem(ALIASES_TOO_FAR)
         return data
     except ScalarError as e:
-        mark = e.problem_mark
-        assert mark is not None  # ScalarError always has the scalar's mark
-        where = yaml_place(text, mark)
-        message = f"{where}: {e.problem}" if where else str(e.problem)
-        raise YAMLProblem(message, mark.line + 1, mark.column + 1) from None
+        line, col, where, problem = _scalar_problem(text, e)
+        raise YAMLProblem(f"{where}: {problem}" if where else problem, line, col) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         if mark is None:
@@ -274,6 +273,13 @@ def load_yaml(text: str) -> Any:
         raise YAMLProblem(f"invalid YAML: {e}") from None
     except RecursionError:
         raise YAMLProblem("invalid YAML: nested too deeply") from None
+
+
+def _scalar_problem(text: str, e: ScalarError) -> tuple[int, int, str, str]:
+    """(line, column, place, problem) of a scalar YAML could not construct."""
+    mark = e.problem_mark
+    assert mark is not None  # ScalarError always has the scalar's mark
+    return mark.line + 1, mark.column + 1, yaml_place(text, mark), str(e.problem)
 
 
 def yaml_place(text: str, mark: Any) -> str:
@@ -420,18 +426,13 @@ def parse_text(text: str, file: str) -> Document:
     try:
         doc = Document(file, text)
         if _aliases_expand_too_far(text, doc.data):
-            raise PolicyError(
-                [Problem(file, 1, 1, "", ALIASES_TOO_FAR)]
-            )
+            raise PolicyError([Problem(file, 1, 1, "", ALIASES_TOO_FAR)])
     except _DupKey as e:
         raise PolicyError(
             [Problem(file, e.line, e.column, _where((*e.path, e.key)), "duplicate key")]
         ) from None
     except ScalarError as e:
-        mark = e.problem_mark
-        assert mark is not None  # ScalarError always has the scalar's mark
-        where = yaml_place(text, mark)
-        raise PolicyError([Problem(file, mark.line + 1, mark.column + 1, where, str(e.problem))]) from None
+        raise PolicyError([Problem(file, *_scalar_problem(text, e))]) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -458,9 +459,9 @@ def _parse_json(text: str, file: str) -> Document:
         ) from None
     doc = Document(file, None, data)
     doc.text = text  # for locating problems (YAML reads JSON) only when there are some
-    if _SURROGATE_ESCAPE.search(text):  # rare (an emoji escaped as a pair): only then a walk
+    if SURROGATE_ESCAPE.search(text):  # rare (an emoji escaped as a pair): only then a walk
         for path, value in _strings(data):
-            if not _utf8(value):
+            if not is_text(value):
                 raise PolicyError(
                     [doc.problem(path, f"{_short(value)} is not text (a lone surrogate escape)")]
                 )
@@ -469,7 +470,6 @@ def _parse_json(text: str, file: str) -> Document:
 
 # A policy needs a handful of levels; deeper is refused where it would otherwise exhaust the stack.
 MAX_DEPTH = 64
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]')
 
 
@@ -518,17 +518,6 @@ def _strings(data: Any) -> Iterator[tuple[PathT, str]]:
                 todo.append((v, (*path, str(k))))
         elif isinstance(node, list):
             todo.extend((v, (*path, i)) for i, v in enumerate(node))
-
-
-def _utf8(text: str) -> bool:
-    """Whether UTF-8 can carry the text (it cannot carry a lone surrogate such as "\\udc80")."""
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -31,6 +30,7 @@ from joserfc.errors import (
 from sidecar import reasons as R
 from sidecar.keys import KeyProvider
 from sidecar.reasons import Reason
+from sidecar.text import SURROGATE_ESCAPE, all_text
 
 MAX_TOKEN_BYTES = 8 * 1024
 MAX_JSON_DEPTH = 64  # nesting of a token's header or payload (real claims nest a few levels)
@@ -224,35 +224,12 @@ def _json(raw: bytes | str) -> Any:
         if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(text) > MAX_JSON_DEPTH:
             raise ValueError("nested too deeply")
         data = json.loads(text)
-        if "\\u" in text and _SURROGATE_ESCAPE.search(text) and not _all_text(data):
+        if "\\u" in text and SURROGATE_ESCAPE.search(text) and not all_text(data):
             # json.loads takes "\ud800" alone; a pair ("\ud83d\udd12") is one character.
             raise ValueError("a lone surrogate escape")
         return data
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise AuthError(R.MALFORMED_TOKEN, "the token is not well-formed JSON") from None
-
-
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def _all_text(data: Any) -> bool:
-    """Whether every string of the document (names too) is text UTF-8 can encode: no lone
-    surrogate anywhere, used or not (the reference evaluator's reading, and RFC 7493's)."""
-    todo = [data]
-    while todo:
-        node = todo.pop()
-        if isinstance(node, str):
-            if not node.isascii():
-                try:
-                    node.encode("utf-8")
-                except UnicodeEncodeError:
-                    return False
-        elif isinstance(node, dict):
-            todo.extend(node.keys())
-            todo.extend(node.values())
-        elif isinstance(node, list):
-            todo.extend(node)
-    return True
 
 
 def _depth(text: str) -> int:

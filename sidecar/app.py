@@ -157,7 +157,7 @@ async def _run(args: argparse.Namespace, policy: Any, keys: Any) -> int:
     metrics = Metrics()
     telemetry = Telemetry(tracer_provider_from_env(metrics), decision_log=stream, metrics=metrics)
     telemetry.sample_allowed = args.decision_log_sample_allowed
-    runtime = Runtime(policy, telemetry, keys=keys)
+    runtime = Runtime(policy, telemetry, keys=keys, decision_cache=args.decision_cache)
     candidate_watcher = None
     if args.candidate:
         # Loaded before serving, by the rules of a reload: a broken candidate is reported and

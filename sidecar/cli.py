@@ -49,6 +49,16 @@ def _positive(text: str) -> int:
     return n
 
 
+def _entries(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of entries from 0 to 1000000")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="stepup-sidecar",
@@ -111,6 +121,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="RATE",
         help="share of allowed decisions written to the decision log, 0 to 1; denials, step-ups and"
         " disagreements always are [STEPUP_DECISION_LOG_SAMPLE_ALLOWED] (default 1)",
+    )
+    s.add_argument(
+        "--decision-cache",
+        type=_entries,
+        default=_env("DECISION_CACHE", "4096"),
+        metavar="N",
+        help="allowed decisions remembered per policy and reused for the same caller, operation and"
+        " risk signals while the token, its freshness and its keys still hold; 0 turns it off"
+        " [STEPUP_DECISION_CACHE] (default 4096)",
     )
     s.add_argument(
         "--candidate",

@@ -79,13 +79,21 @@ class ShadowResult:
     decision: Decision | None
 
 
+DECISION_CACHE = 4096  # allowed decisions remembered per policy (0: none)
+
+
 class Engine:
     """Decides one request against one policy."""
 
-    def __init__(self, policy: Policy, verifier: Verifier | None = None) -> None:
+    def __init__(
+        self, policy: Policy, verifier: Verifier | None = None, *, cache_size: int = DECISION_CACHE
+    ) -> None:
         """`verifier`: the process's verified-token cache (shared by every policy); a private one
-        when none is given."""
+        when none is given. `cache_size`: allowed decisions remembered (see `decide`)."""
         self.policy = policy
+        self._cache: dict[tuple[Any, ...], tuple[Decision, float | None]] = {}
+        self._cache_size = max(0, cache_size)
+        self.cache_hits = 0
         self.verifier: Any = verifier if verifier is not None else Verifier()
         self._ids = policy.identities
         self._issuers = {i.id: i for i in policy.issuers}
@@ -130,6 +138,67 @@ class Engine:
         return tuple(out)
 
     def decide(self, a: RequestAttributes, now: float, cell: IdentityCell | None = None) -> Decision:
+        """The decision of `a` at `now`.
+
+        Allowed decisions of a caller are remembered (per policy, so a reload starts afresh) and
+        reused only where every input is the same: the key holds each request attribute the
+        tables read (method, path, mTLS principal, the sensitivity context extension), the
+        credential, and whether each risk rule fires now (hours, network, device: evaluated on
+        every call). Before a hit is reused, who is calling is worked out again as it would be
+        (the token cache: expiry, nbf, revoked keys) and must be the identity the decision was
+        made for, and the login must still be fresh enough for the remembered requirement. What
+        is reused is only what is a function of those: the table lookups, the requirement and
+        the Decision. Refusals, public operations and requests with any problem are never
+        remembered; shadow evaluations (`cell`) never use it."""
+        if (
+            cell is not None
+            or not self._cache_size
+            or a.path_error
+            or a.header_problem
+            or a.method_override
+            or a.auth_problem
+            # Two readings, decided under both: the Decision carries only the first's freshness.
+            or (len(a.path) > 1 and a.path[-1] == "/")
+        ):
+            return self._decide(a, now, cell)
+        p = self.policy
+        key = (
+            a.method,
+            a.path,
+            a.principal,
+            a.bearer,
+            repr(a.jwt_authn) if a.jwt_authn else "",
+            a.context_extensions.get(p.context_extension_key) if p.context_extension_key else None,
+            tuple([r.condition.fires(a, now) for r in p.risk_rules]) if p.risk_rules else (),
+        )
+        hit = self._cache.get(key)
+        if hit is not None:
+            d, fresh_for = hit
+            try:
+                ident = self._identify(a, now)
+            except AuthError:
+                ident = None
+            if (
+                ident is not None
+                and (ident is d.identity or ident == d.identity)  # (its principal too)
+                and (
+                    fresh_for is None  # else shortfall's freshness test, as it reads it
+                    or ((auth := ident.auth_time) is not None and not now - auth > fresh_for)
+                )
+            ):
+                self.cache_hits += 1
+                return d
+            del self._cache[key]
+        d = self._decide(a, now, None)
+        if d.allowed and d.identity is not None:  # a caller's allowed call (public ones have none)
+            req = d.requirement
+            fresh_for = req.max_age + p.skew if req is not None and req.max_age is not None else None
+            if len(self._cache) >= self._cache_size:
+                del self._cache[next(iter(self._cache))]  # the oldest entry
+            self._cache[key] = (d, fresh_for)
+        return d
+
+    def _decide(self, a: RequestAttributes, now: float, cell: IdentityCell | None) -> Decision:
         p = self.policy
 
         def refuse(r: Reason, text: str = "") -> Decision:

@@ -22,7 +22,7 @@ from sidecar import response
 from sidecar.attributes import RequestAttributes, from_check_request
 from sidecar.compiler import prime
 from sidecar.decision import Decision
-from sidecar.engine import Engine, IdentityCell, ShadowResult
+from sidecar.engine import DECISION_CACHE, Engine, IdentityCell, ShadowResult
 from sidecar.isolated import load_isolated, retire, settle
 from sidecar.keys import KeyStore, RemoteKeys
 from sidecar.policy import Policy
@@ -77,10 +77,13 @@ class Runtime:
         *,
         keys: KeyStore | None = None,
         verifier: Verifier | None = None,
+        decision_cache: int = DECISION_CACHE,
     ) -> None:
+        """`decision_cache`: allowed decisions each policy's engine remembers (Engine.decide)."""
         self.keys = keys if keys is not None else KeyStore()
         self.verifier = verifier if verifier is not None else Verifier()
-        self.engine = Engine(policy, self.verifier)
+        self.decision_cache = decision_cache
+        self.engine = Engine(policy, self.verifier, cache_size=decision_cache)
         self.candidate: Engine | None = None  # `serve --candidate`: decided beside, never enforced
         self.telemetry = telemetry
         self.clock = clock
@@ -94,13 +97,13 @@ class Runtime:
         return self.candidate.policy if self.candidate is not None else None
 
     def swap(self, policy: Policy) -> None:
-        self.engine = Engine(policy, self.verifier)
+        self.engine = Engine(policy, self.verifier, cache_size=self.decision_cache)
 
     def swap_candidate(self, policy: Policy | None) -> None:
         if policy is None:
             self.candidate = None
             return
-        self.candidate = Engine(policy, self.verifier)
+        self.candidate = Engine(policy, self.verifier, cache_size=self.decision_cache)
         self.candidate.verifier = Uncounted(self.verifier)
 
     def key_providers(self) -> list[Any]:

@@ -63,6 +63,7 @@ def worker_argv(args: argparse.Namespace, index: int, port: int, host: str) -> l
         "--explain" if args.explain else "--no-explain",
         "--candidate", args.candidate,
         "--decision-log-sample-allowed", str(args.decision_log_sample_allowed),
+        "--decision-cache", str(args.decision_cache),
     ]  # fmt: skip
     return argv
 

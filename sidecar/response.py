@@ -75,13 +75,22 @@ def _metadata(resp: Any, d: Decision, decision_id: str) -> None:
 # Allow answers differ per call only in the decision id: serialise one per (headers, identity,
 # reason) with a placeholder id, then put each call's id in with one bytes.replace.
 _PLACEHOLDER = secrets.token_hex(8)  # the length of a decision id; unguessable, so never in a value
+_PLACEHOLDER_BYTES = _PLACEHOLDER.encode()
 _TEMPLATES: dict[tuple[Any, ...], bytes] = {}
 _TEMPLATES_MAX = 4096
 _TEMPLATE_KEY_MAX = 512  # identities longer than this are not templated (bounded memory)
 
 
+_BY_DECISION: dict[int, tuple[Decision, UpstreamHeaders, bytes]] = {}  # id(d) -> d, hdrs, template
+
+
 def allow_bytes(d: Decision, decision_id: str, hdrs: UpstreamHeaders) -> bytes:
-    """`allow(...).SerializeToString()`, from a cached template (the hot path of check_bytes)."""
+    """`allow(...).SerializeToString()`, from a cached template (the hot path of check_bytes).
+    A Decision object seen before (the engine's cache answers with the same one) finds its
+    template by identity: the entry holds it, so its id is not reused meanwhile."""
+    hit = _BY_DECISION.get(id(d))
+    if hit is not None and hit[0] is d and hit[1] is hdrs and len(decision_id) == len(_PLACEHOLDER):
+        return hit[2].replace(_PLACEHOLDER_BYTES, decision_id.encode())
     ident = d.identity
     user = ident is not None and ident.is_user
     subject = ident.subject if user and ident is not None else ""
@@ -101,7 +110,10 @@ def allow_bytes(d: Decision, decision_id: str, hdrs: UpstreamHeaders) -> bytes:
         if len(_TEMPLATES) >= _TEMPLATES_MAX:
             _TEMPLATES.clear()
         _TEMPLATES[key] = template
-    return template.replace(_PLACEHOLDER.encode(), decision_id.encode())
+    if len(_BY_DECISION) >= _TEMPLATES_MAX:
+        _BY_DECISION.clear()
+    _BY_DECISION[id(d)] = (d, hdrs, template)
+    return template.replace(_PLACEHOLDER_BYTES, decision_id.encode())
 
 
 def _set_headers(field: Any, items: Any) -> None:

@@ -17,6 +17,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -696,6 +697,7 @@ class Telemetry:
         self._counters: dict[tuple[str, str], Any] = {}
         self._by_sensitivity: dict[tuple[str, str], Any] = {}
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._static: dict[int, _Static] = {}  # id(decision) -> what record takes from it
         self._tracing = provider is not None
         self._fast = provider.fast if isinstance(provider, StepupTracerProvider) else None
         # The share of allowed decisions written to the decision log (denials, step-ups and
@@ -729,7 +731,13 @@ class Telemetry:
         ids when not (read straight off the headers: no OpenTelemetry context work then).
         `shadow`: the shadow rules that would have answered otherwise; `candidate`: the candidate
         policy's decision, when one is loaded."""
-        fields = decision_fields(decision, decision_id, policy_version)
+        # What a decision's line, span and counters take from it, worked out once per Decision
+        # object (the engine's cache answers with the same object; `is` proves it is that one:
+        # the entry holds it, so its id is not reused meanwhile).
+        static = self._static.get(id(decision))
+        if static is None or static.decision is not decision or static.policy_version != policy_version:
+            static = self._remember(decision, policy_version)
+        fields = {"decision_id": decision_id, **static.fields}
         shadow_part = candidate_part = sample_part = ""
         disagrees = cand_differs = False
         if shadow or candidate is not None:
@@ -742,7 +750,7 @@ class Telemetry:
         ctx: trace.SpanContext | None = None
         end_ns = time.time_ns()
         if self._tracing:
-            span_attrs: dict[str, Any] = {f"authz.{k}": v for k, v in fields.items() if v != "" and v != []}
+            span_attrs: dict[str, Any] = {"authz.decision_id": decision_id, **static.span_attrs}
             if attrs is not None:
                 span_attrs["http.request.method"] = method
                 span_attrs["rpc.system"] = "grpc" if attrs.is_grpc else "http"
@@ -778,18 +786,8 @@ class Telemetry:
         if explain:
             self.metrics.explains.inc()
         else:
-            key = (decision.outcome.value, decision.reason)
-            counter = self._counters.get(key)
-            if counter is None:
-                counter = self._counters[key] = self.metrics.decisions.labels(*key)
-            counter.inc()
-            key = (decision.sensitivity or "none", decision.outcome.value)
-            counter = self._by_sensitivity.get(key)
-            if counter is None:
-                if len(self._by_sensitivity) >= 1024:  # levels are the policy's: few, but bounded
-                    key = ("other", key[1])
-                counter = self._by_sensitivity[key] = self.metrics.by_sensitivity.labels(*key)
-            counter.inc()
+            static.by_reason.inc()
+            static.by_sensitivity.inc()
             self.metrics.latency.observe(duration)
         if self.decision_log is not None and (
             self.sample_allowed >= 1.0 or not decision.allowed or disagrees or explain or self._sampled()
@@ -804,9 +802,36 @@ class Telemetry:
                 decision_line(
                     end_ns, trace_id, span_id, fields, method, attrs.is_grpc if attrs else False, duration,
                     explain, type(error).__name__ if error is not None else "", shadow_part, candidate_part,
-                    sample_part,
+                    sample_part, static.middle,
                 )
             )
+
+    def _remember(self, decision: Decision, policy_version: str) -> _Static:
+        fields = decision_fields(decision, "", policy_version)
+        del fields["decision_id"]
+        key = (decision.outcome.value, decision.reason)
+        by_reason = self._counters.get(key)
+        if by_reason is None:
+            by_reason = self._counters[key] = self.metrics.decisions.labels(*key)
+        key = (decision.sensitivity or "none", decision.outcome.value)
+        by_sensitivity = self._by_sensitivity.get(key)
+        if by_sensitivity is None:
+            if len(self._by_sensitivity) >= 1024:  # levels are the policy's: few, but bounded
+                key = ("other", key[1])
+            by_sensitivity = self._by_sensitivity[key] = self.metrics.by_sensitivity.labels(*key)
+        static = _Static(
+            decision,
+            policy_version,
+            fields,
+            {f"authz.{k}": v for k, v in fields.items() if v != "" and v != []},
+            _decision_middle(fields, False),
+            by_reason,
+            by_sensitivity,
+        )
+        if len(self._static) >= _STATIC_MAX:
+            self._static.clear()
+        self._static[id(decision)] = static
+        return static
 
     def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
         """A labelled child, remembered (label values here come from the policy and the reason
@@ -863,6 +888,21 @@ class Telemetry:
 
 _str = json.encoder.encode_basestring_ascii  # C: "..." with escapes
 
+_STATIC_MAX = 4096  # decisions whose line part, span attributes and counters are remembered
+
+
+@dataclass(frozen=True, slots=True)
+class _Static:
+    """What `Telemetry.record` takes from one Decision object, whatever the call."""
+
+    decision: Decision
+    policy_version: str
+    fields: dict[str, Any]  # decision_fields but the decision id
+    span_attrs: dict[str, Any]  # authz.<field> for the non-empty ones but the decision id
+    middle: str  # _decision_middle(fields, False)
+    by_reason: Any  # the labelled children of the decisions counters
+    by_sensitivity: Any
+
 LINE_LIMIT = 4096  # LineWriter.CHUNK: a longer line could tear between workers sharing a pipe
 FIELD_CHARS = 256  # a string from a token, a peer or a request is cut after this many characters
 
@@ -892,6 +932,7 @@ def decision_line(
     beside: str = "",
     candidate: str = "",
     sample: str = "",
+    middle: str = "",
 ) -> str:
     """The decision log line: the JSON `json.dumps` would write for these fields, built directly
     (it is written for every Check). Strings from a token or a peer are escaped; the others are
@@ -902,8 +943,9 @@ def decision_line(
     At most LINE_LIMIT bytes (every escape is ASCII, so characters are bytes). A line that would
     be longer loses, in this order and only as far as needed, and then says `truncated: true`:
     the shadow details; then rule lists beyond four ids each, ids beyond 64 characters and
-    strings beyond 16; then the candidate's details. The decision and `sample_rate` always stay."""
-    line = _decision_body(end_ns, trace_id, span_id, f, method, grpc, duration, explain, error, False)
+    strings beyond 16; then the candidate's details. The decision and `sample_rate` always stay.
+    `middle`: `_decision_middle(f, False)` when the caller has it already."""
+    line = _decision_body(end_ns, trace_id, span_id, f, method, grpc, duration, explain, error, False, middle)
     if len(line) + len(beside) + len(candidate) + len(sample) + 2 <= LINE_LIMIT:
         return line + beside + candidate + sample + "}\n"
     tail = ',"truncated":true}\n'
@@ -930,9 +972,25 @@ def _short_ids(ids: list[str]) -> str:
 
 def _decision_body(
     end_ns: int, trace_id: str, span_id: str, f: dict[str, Any], method: str, grpc: bool, duration: float,
-    explain: bool, error: str, compact: bool,
+    explain: bool, error: str, compact: bool, middle: str = "",
 ) -> str:  # fmt: skip
     """The line without its closing brace; `compact`: the short form `decision_line` falls back to."""
+    cap = _short if compact else _cap
+    if compact or not middle:
+        middle = _decision_middle(f, compact)
+    extra = ',"explain":true' if explain else ""
+    if error:
+        extra += ',"error":' + cap(error)
+    return (
+        f'{{"ts":{round(end_ns / 1e9, 6)},"event":"decision","trace_id":"{trace_id}","span_id":"{span_id}",'
+        f'"decision_id":"{f["decision_id"]}",{middle}'
+        f'"method":{cap(method)},"grpc":{"true" if grpc else "false"},'
+        f'"duration_us":{round(duration * 1e6, 1)}{extra}'
+    )
+
+
+def _decision_middle(f: dict[str, Any], compact: bool) -> str:
+    """The part of the line that is the decision's own (outcome ... policy_version, and a comma)."""
     cap = _short if compact else _cap
     if compact:
         rules, risk = _short_ids(f["rules"]), _short_ids(f["risk_rules"])
@@ -941,19 +999,13 @@ def _decision_body(
         rules = ",".join(_str(r) for r in f["rules"])
         risk = ",".join(_str(r) for r in f["risk_rules"])
         text = _str
-    extra = ',"explain":true' if explain else ""
-    if error:
-        extra += ',"error":' + cap(error)
     return (
-        f'{{"ts":{round(end_ns / 1e9, 6)},"event":"decision","trace_id":"{trace_id}","span_id":"{span_id}",'
-        f'"decision_id":"{f["decision_id"]}","outcome":"{f["outcome"]}","reason":"{f["reason"]}",'
+        f'"outcome":"{f["outcome"]}","reason":"{f["reason"]}",'
         f'"http_status":{f["http_status"]},"rules":[{rules}],"sensitivity":{text(f["sensitivity"])},'
         f'"required_assurance":{text(f["required_assurance"])},"required_max_age":{f["required_max_age"]},'
         f'"risk_rules":[{risk}],"presented_assurance":{text(f["presented_assurance"])},'
         f'"subject":{cap(f["subject"])},"issuer":{cap(f["issuer"])},"principal":{cap(f["principal"])},'
         f'"credential":"{f["credential"]}","policy_version":{text(f["policy_version"])},'
-        f'"method":{cap(method)},"grpc":{"true" if grpc else "false"},'
-        f'"duration_us":{round(duration * 1e6, 1)}{extra}'
     )
 
 

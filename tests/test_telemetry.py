@@ -342,3 +342,41 @@ def test_the_untraced_log_reads_a_traceparent_as_the_traced_path_does(traceparen
     valid = {f"00-{_TID}-{_SID}-01", f"01-{_TID}-{_SID}-01-what-comes-later", f"cc-{_TID}-{_SID}-00",
              f" \t00-{_TID}-{_SID}-01 "}  # fmt: skip
     assert (expected == (_TID, _SID)) == (traceparent in valid)
+
+
+def test_a_decision_object_recorded_again_gives_the_line_and_counts_of_a_new_one() -> None:
+    """record() remembers what it takes from a Decision object (the engine's cache answers with
+    the same one): each call still gets its own id, time and method, a new policy version is
+    seen, and the counters count every call."""
+    import io
+
+    from sidecar.telemetry import Telemetry
+
+    log = io.StringIO()
+    tel = Telemetry(None, decision_log=log, metrics=Metrics())
+    ident = _Identity("bearer", issuer_id="dev", issuer="https://idp", subject="alice")
+    d = _Decision(_Outcome.ALLOW, "allowed", 200, identity=ident, matched_rules=("a", "b"), sensitivity="low")
+    same = _Decision(_Outcome.ALLOW, "allowed", 200, identity=ident, matched_rules=("a", "b"), sensitivity="low")
+    calls = [(d, "p@1", "0" * 16), (d, "p@1", "1" * 16), (d, "p@2", "2" * 16), (same, "p@2", "3" * 16)]
+    for decision, version, did in calls:
+        tel.record(decision=decision, attrs=None, decision_id=did, policy_version=version,
+                   start_ns=1_000, parent=None)  # fmt: skip
+    lines = [_json.loads(x) for x in log.getvalue().splitlines()]
+    for line, (decision, version, did) in zip(lines, calls, strict=True):
+        fields = decision_fields(decision, did, version)
+        expected = decision_line(1, "", "", fields, "", False, 0.0, False, "")
+        got = {k: v for k, v in line.items() if k not in ("ts", "duration_us")}
+        assert got == {k: v for k, v in _json.loads(expected).items() if k not in ("ts", "duration_us")}
+    assert [x["decision_id"] for x in lines] == ["0" * 16, "1" * 16, "2" * 16, "3" * 16]
+    assert [x["policy_version"] for x in lines] == ["p@1", "p@1", "p@2", "p@2"]
+    reg = tel.metrics.registry
+    assert reg.get_sample_value("stepup_decisions_total", {"outcome": "allow", "reason": "allowed"}) == 4
+
+
+def test_an_allow_for_a_decision_seen_before_is_the_same_bytes_with_its_own_id() -> None:
+    hdrs, other = _UpstreamHeaders(), _UpstreamHeaders(subject="x-user")
+    ident = _Identity("bearer", issuer_id="dev", issuer="https://idp", subject="alice")
+    d = _Decision(_Outcome.ALLOW, "allowed", 200, identity=ident, presented_assurance="aal2")
+    for h in (hdrs, hdrs, other, hdrs):
+        for did in ("0123456789abcdef", "fedcba9876543210"):
+            assert _response.allow_bytes(d, did, h) == _response.allow(d, did, h).SerializeToString()

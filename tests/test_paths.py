@@ -117,3 +117,25 @@ def test_method_tokens_are_valid_and_kept_as_sent(method: str) -> None:
 @pytest.mark.parametrize("method", ["", "*", "G T", "GET ", "GE\x00T", "G\u00c9T", "A" * 33, "GET\n", "(GET)"])
 def test_methods_that_are_not_tokens_are_invalid(method: str) -> None:
     assert not valid_method(method)
+
+
+def test_the_request_reading_remembers_paths_exactly_as_normalize_path_reads_them() -> None:
+    """from_check_request memoises normalize_path (bounded): a repeated raw path, canonical or
+    refused, reads as the first time, and long paths are not remembered."""
+    from sidecar import attributes
+    from tests.helpers import check_request
+
+    raws = ["/bank.v1.Accounts/GetBalance", "/%61dmin", "/a/../b", "/a//b", "/v1/x?q=\x01", "/" + "a" * 300, "/a;b"]
+    for raw in raws:
+        try:
+            expected = (normalize_path(raw), "")
+        except PathError as e:
+            expected = ("", str(e))
+        for _ in range(2):
+            a = attributes.from_check_request(check_request(raw))
+            assert (a.path, a.path_error) == expected, raw
+    assert ("/" + "a" * 300) not in attributes._PATHS and "/a/../b" in attributes._PATHS
+    attributes._PATHS.clear()
+    for i in range(attributes._PATHS_MAX + 10):
+        attributes.from_check_request(check_request(f"/p/{i}"))
+    assert len(attributes._PATHS) <= attributes._PATHS_MAX

@@ -80,6 +80,7 @@ class ShadowResult:
 
 
 DECISION_CACHE = 4096  # allowed decisions remembered per policy (0: none)
+_CACHE_KEY_CHARS = 8192  # a decision with a longer credential and path is not remembered (~40 MB at most)
 
 
 class Engine:
@@ -190,7 +191,11 @@ class Engine:
                 return d
             del self._cache[key]
         d = self._decide(a, now, None)
-        if d.allowed and d.identity is not None:  # a caller's allowed call (public ones have none)
+        if (
+            d.allowed
+            and d.identity is not None  # a caller's allowed call (public ones have none)
+            and len(key[3]) + len(key[4]) + len(a.path) <= _CACHE_KEY_CHARS
+        ):
             req = d.requirement
             fresh_for = req.max_age + p.skew if req is not None and req.max_age is not None else None
             if len(self._cache) >= self._cache_size:

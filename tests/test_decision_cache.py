@@ -321,3 +321,15 @@ def test_the_tables_read_only_what_the_cache_key_and_its_checks_cover() -> None:
                 seen |= r.read
     assert seen - key_or_checked - risk_reads == set()
     assert "jwt_authn" in seen and "source_ip" in seen  # (the corpus reaches them)
+
+
+def test_a_decision_for_a_huge_credential_is_not_remembered() -> None:
+    """(Bounded memory: 4096 entries of at most ~8 KB of key each.)"""
+    cached, fresh = _engines()
+    claims = {**_claims(TOKENS[0]), "pad": "x" * 9000}
+    a = from_check_request(check_request(BALANCE, jwt_payload=claims, headers={"x-device-id": "laptop-7f3a"}))
+    assert cached.decide(a, NOW) == fresh.decide(a, NOW)
+    assert cached.decide(a, NOW).reason == "allowed" and len(cached._cache) == 0
+    claims["pad"] = "x" * 10
+    a = from_check_request(check_request(BALANCE, jwt_payload=claims, headers={"x-device-id": "laptop-7f3a"}))
+    assert cached.decide(a, NOW).reason == "allowed" and len(cached._cache) == 1

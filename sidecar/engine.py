@@ -80,7 +80,8 @@ class ShadowResult:
 
 
 DECISION_CACHE = 4096  # allowed decisions remembered per policy (0: none)
-_CACHE_KEY_CHARS = 8192  # a decision with a longer credential and path is not remembered (~40 MB at most)
+_CACHE_KEY_CHARS = 4096  # a decision with a longer credential and path is not remembered
+_VARIANTS = 4  # decisions per key (one per combination of risk rules firing; few in practice)
 
 
 class Engine:
@@ -92,7 +93,7 @@ class Engine:
         """`verifier`: the process's verified-token cache (shared by every policy); a private one
         when none is given. `cache_size`: allowed decisions remembered (see `decide`)."""
         self.policy = policy
-        self._cache: dict[tuple[Any, ...], tuple[Decision, float | None]] = {}
+        self._cache: dict[tuple[Any, ...], dict[tuple[bool, ...], tuple[Decision, float | None]]] = {}
         self._cache_size = max(0, cache_size)
         self.cache_hits = 0
         self.verifier: Any = verifier if verifier is not None else Verifier()
@@ -139,21 +140,29 @@ class Engine:
         return tuple(out)
 
     def decide(self, a: RequestAttributes, now: float, cell: IdentityCell | None = None) -> Decision:
-        """The decision of `a` at `now`.
+        """The decision of `a` at `now` (see `decide_remembered`)."""
+        return self.decide_remembered(a, now, cell)[0]
+
+    def decide_remembered(
+        self, a: RequestAttributes, now: float, cell: IdentityCell | None = None
+    ) -> tuple[Decision, bool]:
+        """The decision of `a` at `now`, and whether the engine holds that very Decision object
+        in its cache (then what the edges derive from it may be remembered with it too).
 
         Allowed decisions of a caller are remembered (per policy, so a reload starts afresh) and
         reused only where every input is the same: the key holds each request attribute the
         tables read (method, path, mTLS principal, the sensitivity context extension), the
-        credential, and whether each risk rule fires now (hours, network, device: evaluated on
-        every call). Before a hit is reused, who is calling is worked out again as it would be
-        (the token cache: expiry, nbf, revoked keys) and must be the identity the decision was
-        made for, and the login must still be fresh enough for the remembered requirement. What
-        is reused is only what is a function of those: the table lookups, the requirement and
-        the Decision. Refusals, public operations and requests with any problem are never
-        remembered; shadow evaluations (`cell`) never use it."""
+        credential, and whether each risk rule fires now (hours, network, device: evaluated
+        again for a key that has entries). Before a hit is reused, who is calling is worked out
+        again as it would be (the token cache: expiry, nbf, revoked keys) and must be the
+        identity the decision was made for, and the login must still be fresh enough for the
+        remembered requirement. What is reused is only what is a function of those: the table
+        lookups, the requirement and the Decision. Refusals, public operations, requests with no
+        credential or any problem, and shadow evaluations (`cell`) never touch the cache."""
         if (
             cell is not None
             or not self._cache_size
+            or not (a.bearer or a.jwt_authn or a.principal)  # nobody to remember a decision for
             or a.path_error
             or a.header_problem
             or a.method_override
@@ -161,47 +170,54 @@ class Engine:
             # Two readings, decided under both: the Decision carries only the first's freshness.
             or (len(a.path) > 1 and a.path[-1] == "/")
         ):
-            return self._decide(a, now, cell)
+            return self._decide(a, now, cell), False
         p = self.policy
-        key = (
-            a.method,
-            a.path,
-            a.principal,
-            a.bearer,
-            repr(a.jwt_authn) if a.jwt_authn else "",
-            a.context_extensions.get(p.context_extension_key) if p.context_extension_key else None,
-            tuple([r.condition.fires(a, now) for r in p.risk_rules]) if p.risk_rules else (),
-        )
-        hit = self._cache.get(key)
-        if hit is not None:
-            d, fresh_for = hit
-            try:
-                ident = self._identify(a, now)
-            except AuthError:
-                ident = None
-            if (
-                ident is not None
-                and (ident is d.identity or ident == d.identity)  # (its principal too)
-                and (
-                    fresh_for is None  # else shortfall's freshness test, as it reads it
-                    or ((auth := ident.auth_time) is not None and not now - auth > fresh_for)
-                )
-            ):
-                self.cache_hits += 1
-                return d
-            del self._cache[key]
-        d = self._decide(a, now, None)
-        if (
-            d.allowed
-            and d.identity is not None  # a caller's allowed call (public ones have none)
-            and len(key[3]) + len(key[4]) + len(a.path) <= _CACHE_KEY_CHARS
-        ):
-            req = d.requirement
-            fresh_for = req.max_age + p.skew if req is not None and req.max_age is not None else None
+        jwt = repr(a.jwt_authn) if a.jwt_authn else ""
+        if len(a.bearer) + len(jwt) + len(a.path) > _CACHE_KEY_CHARS:
+            return self._decide(a, now, None), False
+        ext = a.context_extensions.get(p.context_extension_key) if p.context_extension_key else None
+        key = (a.method, a.path, a.principal, a.bearer, jwt, ext)
+        variants = self._cache.get(key)  # whether each risk rule fires -> (decision, freshness)
+        fired: tuple[bool, ...] | None = None
+        if variants is not None:
+            fired = self._fired(a, now)
+            hit = variants.get(fired)
+            if hit is not None:
+                d, fresh_for = hit
+                cell = IdentityCell()  # what the identity is now, also for _decide on a miss
+                try:
+                    cell.ident = self._identify(a, now)
+                except AuthError as e:
+                    cell.error = e
+                cell.done = True
+                ident = cell.ident
+                if (
+                    ident is not None
+                    and (ident is d.identity or ident == d.identity)  # (its principal too)
+                    and (
+                        fresh_for is None  # else shortfall's freshness test, as it reads it
+                        or ((auth := ident.auth_time) is not None and not now - auth > fresh_for)
+                    )
+                ):
+                    self.cache_hits += 1
+                    return d, True
+                del variants[fired]
+        d = self._decide(a, now, cell)
+        if not (d.allowed and d.identity is not None):  # only a caller's allowed call
+            return d, False
+        req = d.requirement
+        fresh_for = req.max_age + p.skew if req is not None and req.max_age is not None else None
+        if variants is None:
             if len(self._cache) >= self._cache_size:
-                del self._cache[next(iter(self._cache))]  # the oldest entry
-            self._cache[key] = (d, fresh_for)
-        return d
+                del self._cache[next(iter(self._cache))]  # the oldest key
+            variants = self._cache[key] = {}
+        elif len(variants) >= _VARIANTS:
+            variants.clear()
+        variants[fired if fired is not None else self._fired(a, now)] = (d, fresh_for)
+        return d, True
+
+    def _fired(self, a: RequestAttributes, now: float) -> tuple[bool, ...]:
+        return tuple([r.condition.fires(a, now) for r in self.policy.risk_rules])
 
     def _decide(self, a: RequestAttributes, now: float, cell: IdentityCell | None) -> Decision:
         p = self.policy

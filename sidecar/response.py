@@ -84,13 +84,15 @@ _TEMPLATE_KEY_MAX = 512  # identities longer than this are not templated (bounde
 _BY_DECISION: dict[int, tuple[Decision, UpstreamHeaders, bytes]] = {}  # id(d) -> d, hdrs, template
 
 
-def allow_bytes(d: Decision, decision_id: str, hdrs: UpstreamHeaders) -> bytes:
+def allow_bytes(d: Decision, decision_id: str, hdrs: UpstreamHeaders, remember: bool = False) -> bytes:
     """`allow(...).SerializeToString()`, from a cached template (the hot path of check_bytes).
-    A Decision object seen before (the engine's cache answers with the same one) finds its
-    template by identity: the entry holds it, so its id is not reused meanwhile."""
-    hit = _BY_DECISION.get(id(d))
-    if hit is not None and hit[0] is d and hit[1] is hdrs and len(decision_id) == len(_PLACEHOLDER):
-        return hit[2].replace(_PLACEHOLDER_BYTES, decision_id.encode())
+    `remember`: the engine's cache holds `d` (and answers with that very object again), so its
+    template is remembered by the object's identity too (the entry holds it: its id is not
+    reused meanwhile)."""
+    if remember:
+        hit = _BY_DECISION.get(id(d))
+        if hit is not None and hit[0] is d and hit[1] is hdrs and len(decision_id) == len(_PLACEHOLDER):
+            return hit[2].replace(_PLACEHOLDER_BYTES, decision_id.encode())
     ident = d.identity
     user = ident is not None and ident.is_user
     subject = ident.subject if user and ident is not None else ""
@@ -110,9 +112,10 @@ def allow_bytes(d: Decision, decision_id: str, hdrs: UpstreamHeaders) -> bytes:
         if len(_TEMPLATES) >= _TEMPLATES_MAX:
             _TEMPLATES.clear()
         _TEMPLATES[key] = template
-    if len(_BY_DECISION) >= _TEMPLATES_MAX:
-        _BY_DECISION.clear()
-    _BY_DECISION[id(d)] = (d, hdrs, template)
+    if remember:
+        if len(_BY_DECISION) >= _TEMPLATES_MAX:
+            _BY_DECISION.clear()
+        _BY_DECISION[id(d)] = (d, hdrs, template)
     return template.replace(_PLACEHOLDER_BYTES, decision_id.encode())
 
 

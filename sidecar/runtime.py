@@ -54,6 +54,9 @@ class Evaluation:
     shadow: tuple[ShadowResult, ...] = ()  # shadow rules that would have answered otherwise
     candidate: Decision | None = None  # the candidate policy's decision, when one is loaded
     candidate_version: str = ""
+    # The engine's cache holds this Decision object: what the edges derive from it (log line,
+    # span attributes, allow template) may be remembered with it.
+    remembered: bool = False
 
 
 def wire_answer(ev: Evaluation, decision_id: str) -> Any:
@@ -119,12 +122,12 @@ class Runtime:
             attrs = from_check_request(request)
             now = self.clock()
             cell = IdentityCell() if engine.shadows else None
-            decision = engine.decide(attrs, now, cell)
+            decision, remembered = engine.decide_remembered(attrs, now, cell)
             if decision.reason == "unknown_key" and await self._refresh_keys(engine.policy):
                 now = self.clock()
                 cell = IdentityCell() if engine.shadows else None
-                decision = engine.decide(attrs, now, cell)
-            ev = Evaluation(decision, attrs, engine.policy, None)
+                decision, remembered = engine.decide_remembered(attrs, now, cell)
+            ev = Evaluation(decision, attrs, engine.policy, None, remembered=remembered)
         except Exception as e:
             log_internal_error("internal error while deciding; denying", e)
             self.telemetry.metrics.internal_errors.inc()
@@ -203,6 +206,7 @@ class Runtime:
                 error=ev.error,
                 explain=explain,
                 ids=ids or ("", ""),
+                remember=ev.remembered,
             )
         except Exception as e:
             log_internal_error("telemetry failed", e, decision_id=decision_id)

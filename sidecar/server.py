@@ -85,7 +85,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         ev = await self.runtime.evaluate(request)
         try:
             if ev.decision.allowed:
-                data = response.allow_bytes(ev.decision, decision_id, ev.policy.upstream_headers)
+                hdrs = ev.policy.upstream_headers
+                data = response.allow_bytes(ev.decision, decision_id, hdrs, ev.remembered)
             else:
                 data = wire_answer(ev, decision_id).SerializeToString()
         except Exception as e:

@@ -726,17 +726,18 @@ class Telemetry:
         shadow: tuple[Any, ...] = (),
         candidate: Decision | None = None,
         candidate_version: str = "",
+        remember: bool = False,
     ) -> None:
         """`parent`: the caller's trace context, when tracing; `ids`: the caller's trace and span
         ids when not (read straight off the headers: no OpenTelemetry context work then).
         `shadow`: the shadow rules that would have answered otherwise; `candidate`: the candidate
-        policy's decision, when one is loaded."""
-        # What a decision's line, span and counters take from it, worked out once per Decision
-        # object (the engine's cache answers with the same object; `is` proves it is that one:
-        # the entry holds it, so its id is not reused meanwhile).
-        static = self._static.get(id(decision))
+        policy's decision, when one is loaded. `remember`: the engine's cache holds `decision`
+        (and answers with that very object again), so what the line, the span and the counters
+        take from it is remembered with it (`is` proves a hit is that object: the entry holds
+        it, so its id is not reused meanwhile)."""
+        static = self._static.get(id(decision)) if remember else None
         if static is None or static.decision is not decision or static.policy_version != policy_version:
-            static = self._remember(decision, policy_version)
+            static = self._derive(decision, policy_version, remember)
         fields = {"decision_id": decision_id, **static.fields}
         shadow_part = candidate_part = sample_part = ""
         disagrees = cand_differs = False
@@ -806,7 +807,7 @@ class Telemetry:
                 )
             )
 
-    def _remember(self, decision: Decision, policy_version: str) -> _Static:
+    def _derive(self, decision: Decision, policy_version: str, remember: bool) -> _Static:
         fields = decision_fields(decision, "", policy_version)
         del fields["decision_id"]
         key = (decision.outcome.value, decision.reason)
@@ -823,14 +824,18 @@ class Telemetry:
             decision,
             policy_version,
             fields,
-            {f"authz.{k}": v for k, v in fields.items() if v != "" and v != []},
-            _decision_middle(fields, False),
+            # (For one call, only what it uses: no span attributes when not tracing.)
+            {f"authz.{k}": v for k, v in fields.items() if v != "" and v != []}
+            if remember or self._tracing
+            else {},
+            _decision_middle(fields, False) if remember or self.decision_log is not None else "",
             by_reason,
             by_sensitivity,
         )
-        if len(self._static) >= _STATIC_MAX:
-            self._static.clear()
-        self._static[id(decision)] = static
+        if remember:
+            if len(self._static) >= _STATIC_MAX:
+                self._static.clear()
+            self._static[id(decision)] = static
         return static
 
     def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
@@ -891,7 +896,7 @@ _str = json.encoder.encode_basestring_ascii  # C: "..." with escapes
 _STATIC_MAX = 4096  # decisions whose line part, span attributes and counters are remembered
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (not frozen: a frozen dataclass's __init__ costs a microsecond more)
 class _Static:
     """What `Telemetry.record` takes from one Decision object, whatever the call."""
 

@@ -333,3 +333,69 @@ def test_a_decision_for_a_huge_credential_is_not_remembered() -> None:
     claims["pad"] = "x" * 10
     a = from_check_request(check_request(BALANCE, jwt_payload=claims, headers={"x-device-id": "laptop-7f3a"}))
     assert cached.decide(a, NOW).reason == "allowed" and len(cached._cache) == 1
+
+
+def test_a_stale_hit_checks_the_signature_once() -> None:
+    """(red-team helper-13) The key set changed under a remembered decision: the identity worked
+    out on the hit path is the one the decision is then made with, not worked out again."""
+    from joserfc.jwk import KeySet, RSAKey
+
+    from tests.helpers import PRIVATE_JWK
+
+    verifier = Verifier()
+    policy = load_policy_text(example_policy_text())
+    engine = Engine(policy, verifier)
+    a = from_check_request(check_request(token=make_token()))
+    assert [engine.decide(a, NOW).reason, engine.decide(a, NOW + 1).reason] == ["allowed", "allowed"]
+    before, hits = verifier.verifications, verifier.hits
+    other = RSAKey.generate_key(2048, parameters={"kid": PRIVATE_JWK["kid"], "alg": "RS256", "use": "sig"})
+    policy.issuers[0].keys._keys = KeySet([RSAKey.import_key(other.as_dict(private=False))])  # type: ignore[union-attr]
+    assert engine.decide(a, NOW + 2).reason == "bad_signature"
+    assert (verifier.verifications - before, verifier.hits - hits) == (1, 0)
+
+
+def test_requests_nobody_can_be_remembered_for_never_run_the_risk_rules_for_the_key() -> None:
+    """(red-team helper-13) Without a credential, or with one that does not verify, a request
+    costs what deciding it costs: no risk rule is evaluated for a cache key (the network rule's
+    verdicts are not filled by unauthenticated sources), and the cache stays empty."""
+    from sidecar.risk import SourceNotIn
+
+    cached, _ = _engines()
+    rule = next(r.condition for r in cached.policy.risk_rules if isinstance(r.condition, SourceNotIn))
+    forged = TOKENS[0][:-8] + "AAAAAAAA"
+    for i in range(50):
+        for token in (None, forged):
+            a = from_check_request(check_request(BALANCE, token=token, source=f"2001:db8::{i:x}"))
+            assert cached.decide(a, NOW).reason in ("missing_credential", "bad_signature")
+    assert rule._inside.cache_info().currsize == 0 and len(cached._cache) == 0
+
+
+def test_what_the_edges_derive_from_a_decision_is_remembered_only_for_remembered_decisions() -> None:
+    """(red-team helper-13) Denials and public allows (new Decision objects every call) leave
+    nothing behind in the telemetry's and the response builder's per-decision memos; a
+    remembered allow leaves one entry in each, whatever the number of calls."""
+    import io
+
+    from sidecar import response
+    from sidecar.runtime import Runtime
+    from sidecar.server import AuthorizationServicer
+    from sidecar.telemetry import Metrics, Telemetry
+
+    telemetry = Telemetry(None, decision_log=io.StringIO(), metrics=Metrics())
+    runtime = Runtime(load_policy_text(RISKY), telemetry, lambda: NOW)
+    servicer = AuthorizationServicer(runtime)
+    response._BY_DECISION.clear()
+
+    def check(path: str, method: str = "POST", token: str | None = None) -> None:
+        data = check_request(path, method=method, token=token, headers={"x-device-id": "laptop-7f3a"})
+        asyncio.run(servicer.check_bytes(data.SerializeToString(), None))
+
+    for i in range(20):
+        check(f"/nowhere/{i}" + "x" * 2000)  # no rule
+        check("/healthz", "GET")  # public
+        check(ADMIN, token=TOKENS[0])  # permission denied
+    assert len(telemetry._static) == 0 and len(response._BY_DECISION) == 0
+    for _ in range(5):
+        check(BALANCE, token=TOKENS[0])
+    assert len(telemetry._static) == 1 and len(response._BY_DECISION) == 1
+    assert runtime.engine.cache_hits == 4

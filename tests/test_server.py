@@ -169,7 +169,7 @@ def test_unexpected_error_fails_closed_and_is_traced(srv: Running, monkeypatch: 
     def boom(*_: Any) -> Any:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(srv.runtime.engine, "decide", boom)
+    monkeypatch.setattr(srv.runtime.engine, "decide_remembered", boom)
     resp = srv.check(check_request(TRANSFER, token=make_token(acr=ACR_PHR)))
     assert resp.status.code == 7 and resp.denied_response.status.code == 403
     span = srv.exporter.get_finished_spans()[-1]

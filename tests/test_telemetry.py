@@ -360,7 +360,7 @@ def test_a_decision_object_recorded_again_gives_the_line_and_counts_of_a_new_one
     calls = [(d, "p@1", "0" * 16), (d, "p@1", "1" * 16), (d, "p@2", "2" * 16), (same, "p@2", "3" * 16)]
     for decision, version, did in calls:
         tel.record(decision=decision, attrs=None, decision_id=did, policy_version=version,
-                   start_ns=1_000, parent=None)  # fmt: skip
+                   start_ns=1_000, parent=None, remember=True)  # fmt: skip
     lines = [_json.loads(x) for x in log.getvalue().splitlines()]
     for line, (decision, version, did) in zip(lines, calls, strict=True):
         fields = decision_fields(decision, did, version)
@@ -379,4 +379,4 @@ def test_an_allow_for_a_decision_seen_before_is_the_same_bytes_with_its_own_id()
     d = _Decision(_Outcome.ALLOW, "allowed", 200, identity=ident, presented_assurance="aal2")
     for h in (hdrs, hdrs, other, hdrs):
         for did in ("0123456789abcdef", "fedcba9876543210"):
-            assert _response.allow_bytes(d, did, h) == _response.allow(d, did, h).SerializeToString()
+            assert _response.allow_bytes(d, did, h, True) == _response.allow(d, did, h).SerializeToString()

@@ -98,12 +98,14 @@ def scenarios(policy: Policy, gen: int) -> dict[str, bytes]:
 
 
 def run(policy: Policy, label: str, n: int, rounds: int, gen: int) -> None:
-    engine = Engine(policy)
+    engine = Engine(policy, cache_size=0)  # deciding itself (the decision cache: the `cached` column)
+    cached = Engine(policy)
     tel_bare = Telemetry(None, decision_log=None, metrics=Metrics())
     tel_full = Telemetry(TracerProvider(), decision_log=io.StringIO(), metrics=Metrics())
     print(f"\n== {label} (policy {policy.version})")
     print(
-        f"{'scenario':26} {'parse':>7} {'attrs':>7} {'decide':>7} {'resp':>7} {'check':>7} {'+otel':>7}  ratio"
+        f"{'scenario':26} {'parse':>7} {'attrs':>7} {'decide':>7} {'cached':>7} {'resp':>7} {'check':>7}"
+        f" {'+otel':>7}  ratio"
     )
     for name, raw in scenarios(policy, gen).items():
         req = external_auth_pb2.CheckRequest.FromString(raw)
@@ -134,6 +136,8 @@ def run(policy: Policy, label: str, n: int, rounds: int, gen: int) -> None:
         t_parse = median_us(lambda raw=raw: external_auth_pb2.CheckRequest.FromString(raw), n, rounds)
         t_attrs = median_us(lambda req=req: from_check_request(req), n, rounds)
         t_decide = median_us(lambda attrs=attrs, now=now: engine.decide(attrs, now), n, rounds)
+        cached.decide(attrs, now)
+        t_cached = median_us(lambda attrs=attrs, now=now: cached.decide(attrs, now), n, rounds)
         if d.allowed:
             t_resp = median_us(
                 lambda d=d: response.allow(d, "x", policy.upstream_headers).SerializeToString(),
@@ -147,7 +151,8 @@ def run(policy: Policy, label: str, n: int, rounds: int, gen: int) -> None:
         t_check = median_us(lambda: check(tel_bare), n, rounds)
         t_full = median_us(lambda: check(tel_full), n, rounds)
         print(
-            f"{name:26} {t_parse:7.1f} {t_attrs:7.1f} {t_decide:7.1f} {t_resp:7.1f} {t_check:7.1f} {t_full:7.1f}"
+            f"{name:26} {t_parse:7.1f} {t_attrs:7.1f} {t_decide:7.1f} {t_cached:7.1f} {t_resp:7.1f} {t_check:7.1f}"
+            f" {t_full:7.1f}"
             f"  decide/parse={t_decide / t_parse:.2f} check/parse={t_check / t_parse:.1f}"
             f" +otel/parse={t_full / t_parse:.1f}  [{d.reason}]"
         )

@@ -95,6 +95,7 @@ class Engine:
         self.policy = policy
         self._cache: dict[tuple[Any, ...], dict[tuple[bool, ...], tuple[Decision, float | None]]] = {}
         self._cache_size = max(0, cache_size)
+        self._entries = 0  # decisions in the cache (a key holds one per combination of risk rules)
         self.cache_hits = 0
         self.verifier: Any = verifier if verifier is not None else Verifier()
         self._ids = policy.identities
@@ -173,48 +174,62 @@ class Engine:
             return self._decide(a, now, cell), False
         p = self.policy
         jwt = repr(a.jwt_authn) if a.jwt_authn else ""
-        if len(a.bearer) + len(jwt) + len(a.path) > _CACHE_KEY_CHARS:
+        if len(a.bearer) + len(jwt) + len(a.path) + len(a.principal) > _CACHE_KEY_CHARS:
             return self._decide(a, now, None), False
         ext = a.context_extensions.get(p.context_extension_key) if p.context_extension_key else None
         key = (a.method, a.path, a.principal, a.bearer, jwt, ext)
         variants = self._cache.get(key)  # whether each risk rule fires -> (decision, freshness)
         fired: tuple[bool, ...] | None = None
-        if variants is not None:
-            fired = self._fired(a, now)
-            hit = variants.get(fired)
-            if hit is not None:
-                d, fresh_for = hit
-                cell = IdentityCell()  # what the identity is now, also for _decide on a miss
-                try:
-                    cell.ident = self._identify(a, now)
-                except AuthError as e:
-                    cell.error = e
-                cell.done = True
-                ident = cell.ident
-                if (
-                    ident is not None
-                    and (ident is d.identity or ident == d.identity)  # (its principal too)
-                    and (
+        if variants:
+            # Who is calling, first (also for _decide on a miss): a credential that no longer
+            # holds (expired, revoked keys) or another identity drops the key before any risk
+            # rule is run for it.
+            cell = IdentityCell()
+            try:
+                cell.ident = self._identify(a, now)
+            except AuthError as e:
+                cell.error = e
+            cell.done = True
+            ident = cell.ident
+            if ident is None or not any(ident == d.identity for d, _ in variants.values()):
+                self._drop(key)
+                variants = None
+            else:
+                fired = self._fired(a, now)
+                hit = variants.get(fired)
+                if hit is not None:
+                    d, fresh_for = hit
+                    if (ident is d.identity or ident == d.identity) and (  # (its principal too)
                         fresh_for is None  # else shortfall's freshness test, as it reads it
                         or ((auth := ident.auth_time) is not None and not now - auth > fresh_for)
-                    )
-                ):
-                    self.cache_hits += 1
-                    return d, True
-                del variants[fired]
+                    ):
+                        self.cache_hits += 1
+                        return d, True
+                    del variants[fired]
+                    self._entries -= 1
         d = self._decide(a, now, cell)
         if not (d.allowed and d.identity is not None):  # only a caller's allowed call
+            if variants is not None and not variants:
+                self._drop(key)
             return d, False
         req = d.requirement
         fresh_for = req.max_age + p.skew if req is not None and req.max_age is not None else None
         if variants is None:
-            if len(self._cache) >= self._cache_size:
-                del self._cache[next(iter(self._cache))]  # the oldest key
-            variants = self._cache[key] = {}
-        elif len(variants) >= _VARIANTS:
-            variants.clear()
+            variants = {}
+        else:
+            del self._cache[key]  # (put back last: the oldest keys go first)
+            if len(variants) >= min(_VARIANTS, self._cache_size):
+                self._entries -= len(variants)
+                variants.clear()
         variants[fired if fired is not None else self._fired(a, now)] = (d, fresh_for)
+        self._cache[key] = variants
+        self._entries += 1
+        while self._entries > self._cache_size:  # (never this key: it is last, and within the size)
+            self._drop(next(iter(self._cache)))
         return d, True
+
+    def _drop(self, key: tuple[Any, ...]) -> None:
+        self._entries -= len(self._cache.pop(key))
 
     def _fired(self, a: RequestAttributes, now: float) -> tuple[bool, ...]:
         return tuple([r.condition.fires(a, now) for r in self.policy.risk_rules])

@@ -399,3 +399,38 @@ def test_what_the_edges_derive_from_a_decision_is_remembered_only_for_remembered
         check(BALANCE, token=TOKENS[0])
     assert len(telemetry._static) == 1 and len(response._BY_DECISION) == 1
     assert runtime.engine.cache_hits == 4
+
+
+def test_a_dead_credential_replayed_runs_no_risk_rule_and_drops_its_entry() -> None:
+    """(red-team helper-14) A token that was allowed once and then expired, replayed from many
+    peers: refused without running a risk rule (the network rule's verdicts stay the real
+    clients'), and its remembered decisions are gone."""
+    from sidecar.risk import SourceNotIn
+
+    cached, fresh = _engines()
+    rule = next(r.condition for r in cached.policy.risk_rules if isinstance(r.condition, SourceNotIn))
+    ok = _request(BALANCE, "POST", ("bearer", 0), "127.0.0.1", "laptop-7f3a", "", None)  # exp NOW+600
+    assert cached.decide(ok, NOW).reason == "allowed" and len(cached._cache) == 1
+    filled = rule._inside.cache_info().currsize
+    for i in range(50):
+        a = _request(BALANCE, "POST", ("bearer", 0), f"2001:db8::{i:x}", "laptop-7f3a", "", None)
+        assert cached.decide(a, NOW + 700) == fresh.decide(a, NOW + 700)
+        assert cached.decide(a, NOW + 700).reason == "token_expired"
+    assert rule._inside.cache_info().currsize == filled and len(cached._cache) == 0
+
+
+def test_the_bound_counts_decisions_not_keys() -> None:
+    """(red-team helper-14) One caller under every combination of risk rules on many paths: at
+    most `cache_size` decisions are held, however they are spread over keys."""
+    cached, fresh = _engines(cache_size=5)
+    token = make_token(sub="root", roles=["teller"], acr=ACR_PHRH, now=NOW, exp=NOW + 100_000)
+    for i in range(12):
+        for source in ("127.0.0.1", "203.0.113.5"):
+            for device in ("laptop-7f3a", "other"):
+                r = check_request(f"/v1/accounts/{i}/balance", method="GET", token=token, source=source,
+                                  headers={"x-device-id": device})  # fmt: skip
+                a = from_check_request(r)
+                assert cached.decide(a, NOW + 30) == fresh.decide(a, NOW + 30)
+                held = sum(len(v) for v in cached._cache.values())
+                assert held == cached._entries <= 5
+    assert 0 < cached._entries <= 5 and cached.cache_hits == 0

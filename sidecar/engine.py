@@ -152,14 +152,15 @@ class Engine:
 
         Allowed decisions of a caller are remembered (per policy, so a reload starts afresh) and
         reused only where every input is the same: the key holds each request attribute the
-        tables read (method, path, mTLS principal, the sensitivity context extension), the
-        credential, and whether each risk rule fires now (hours, network, device: evaluated
-        again for a key that has entries). Before a hit is reused, who is calling is worked out
-        again as it would be (the token cache: expiry, nbf, revoked keys) and must be the
-        identity the decision was made for, and the login must still be fresh enough for the
-        remembered requirement. What is reused is only what is a function of those: the table
-        lookups, the requirement and the Decision. Refusals, public operations, requests with no
-        credential or any problem, and shadow evaluations (`cell`) never touch the cache."""
+        tables read (method, path, mTLS principal, the sensitivity context extension) and the
+        credential, and under it one decision per combination of risk rules firing. Before a hit
+        is reused, who is calling is worked out again as it would be (the token cache: expiry,
+        nbf, revoked keys) and must be the identity a decision was made for (else the key goes);
+        then the risk rules (hours, network, device) are evaluated now, and the login must still
+        be fresh enough for the remembered requirement. What is reused is only what is a function
+        of those: the table lookups, the requirement and the Decision. Refusals, public
+        operations, requests with no credential or any problem, and shadow evaluations (`cell`)
+        never touch the cache. At most `cache_size` decisions are held, the oldest keys go first."""
         if (
             cell is not None
             or not self._cache_size

@@ -267,7 +267,7 @@ async def _every_half_second(telemetry: Any, runtime: Any, liveness: Any) -> Non
 def _sync_metrics(telemetry: Any, runtime: Any) -> None:
     try:
         policies = {"active": runtime.policy, "candidate": runtime.candidate_policy}
-        telemetry.metrics.sync(runtime.verifier, policies)
+        telemetry.metrics.sync(runtime.verifier, policies, runtime.decision_cache_counts)
     except Exception as e:  # never stop flushing for a metric
         from sidecar.telemetry import log_internal_error
 

@@ -96,7 +96,8 @@ class Engine:
         self._cache: dict[tuple[Any, ...], dict[tuple[bool, ...], tuple[Decision, float | None]]] = {}
         self._cache_size = max(0, cache_size)
         self._entries = 0  # decisions in the cache (a key holds one per combination of risk rules)
-        self.cache_hits = 0
+        self.cache_hits = 0  # allowed decisions reused
+        self.cache_misses = 0  # Checks that could have been answered from the cache, decided instead
         self.verifier: Any = verifier if verifier is not None else Verifier()
         self._ids = policy.identities
         self._issuers = {i.id: i for i in policy.issuers}
@@ -208,6 +209,7 @@ class Engine:
                         return d, True
                     del variants[fired]
                     self._entries -= 1
+        self.cache_misses += 1
         d = self._decide(a, now, cell)
         if not (d.allowed and d.identity is not None):  # only a caller's allowed call
             if variants is not None and not variants:

@@ -86,6 +86,7 @@ class Runtime:
         self.keys = keys if keys is not None else KeyStore()
         self.verifier = verifier if verifier is not None else Verifier()
         self.decision_cache = decision_cache
+        self._retired_cache = (0, 0)  # hits and misses of the engines that reloads replaced
         self.engine = Engine(policy, self.verifier, cache_size=decision_cache)
         self.candidate: Engine | None = None  # `serve --candidate`: decided beside, never enforced
         self.telemetry = telemetry
@@ -100,7 +101,16 @@ class Runtime:
         return self.candidate.policy if self.candidate is not None else None
 
     def swap(self, policy: Policy) -> None:
+        hits, misses = self.decision_cache_counts
+        self._retired_cache = (hits, misses)
         self.engine = Engine(policy, self.verifier, cache_size=self.decision_cache)
+
+    @property
+    def decision_cache_counts(self) -> tuple[int, int]:
+        """(hits, misses) of the active policies' decision caches since start (the candidate's
+        are not traffic)."""
+        hits, misses = self._retired_cache
+        return hits + self.engine.cache_hits, misses + self.engine.cache_misses
 
     def swap_candidate(self, policy: Policy | None) -> None:
         if policy is None:

@@ -602,6 +602,12 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self.decision_cache = Counter(
+            "stepup_decision_cache",
+            "Checks that could be answered from the decision cache: reused (hit) or decided (miss)",
+            ["result"],
+            registry=self.registry,
+        )
         self.jwks_fetches = Counter(
             "stepup_jwks_fetches",
             "JWKS fetches by issuer id and result (ok, failed)",
@@ -650,11 +656,16 @@ class Metrics:
         )
 
 
-    def sync(self, verifier: Any, policies: Mapping[str, Any]) -> None:
-        """Bring the counters kept as plain integers (token cache, JWKS fetches) and the policy
-        info up to date: called every half second, so the hot path never touches them."""
+    def sync(
+        self, verifier: Any, policies: Mapping[str, Any], decision_cache: tuple[int, int] = (0, 0)
+    ) -> None:
+        """Bring the counters kept as plain integers (token cache, decision cache, JWKS fetches)
+        and the policy info up to date: called every half second, so the hot path never touches
+        them."""
         self._add(self.token_cache.labels("hit"), ("hit",), verifier.hits)
         self._add(self.token_cache.labels("miss"), ("miss",), verifier.misses)
+        self._add(self.decision_cache.labels("hit"), ("decision", "hit"), decision_cache[0])
+        self._add(self.decision_cache.labels("miss"), ("decision", "miss"), decision_cache[1])
         info = set()
         for role, policy in policies.items():
             if policy is None:

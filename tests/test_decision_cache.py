@@ -434,3 +434,29 @@ def test_the_bound_counts_decisions_not_keys() -> None:
                 held = sum(len(v) for v in cached._cache.values())
                 assert held == cached._entries <= 5
     assert 0 < cached._entries <= 5 and cached.cache_hits == 0
+
+
+def test_hits_and_misses_are_counted_for_operators_across_reloads() -> None:
+    """stepup_decision_cache_total{result}: of the Checks the cache could answer (a credential,
+    no problem), how many it did; counts carry over a reload (a new, empty cache)."""
+    from sidecar.runtime import Runtime
+    from sidecar.telemetry import Metrics, Telemetry
+
+    metrics = Metrics()
+    runtime = Runtime(load_policy_text(RISKY), Telemetry(None, decision_log=None, metrics=metrics), lambda: NOW)
+
+    def check(token: str | None) -> str:
+        request = check_request(BALANCE, token=token, headers={"x-device-id": "laptop-7f3a"})
+        return asyncio.run(runtime.evaluate(request)).decision.reason
+
+    def counted() -> tuple[float | None, float | None]:
+        metrics.sync(runtime.verifier, {"active": runtime.policy}, runtime.decision_cache_counts)
+        get = metrics.registry.get_sample_value
+        return (get("stepup_decision_cache_total", {"result": "hit"}),
+                get("stepup_decision_cache_total", {"result": "miss"}))  # fmt: skip
+
+    assert [check(TOKENS[0]) for _ in range(3)] + [check(None)] == ["allowed"] * 3 + ["missing_credential"]
+    assert counted() == (2, 1)
+    runtime.swap(load_policy_text(RISKY))
+    assert [check(TOKENS[0]) for _ in range(2)] == ["allowed"] * 2
+    assert counted() == (3, 2)

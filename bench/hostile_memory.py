@@ -64,7 +64,11 @@ def policy_with_ec_issuer(tmp: Path, key: ECKey) -> Path:
             "    acr:\n      aal1: {accept: [\"urn:okta:loa:1fa:any\"]}\n"
             "      aal2: {accept: [\"urn:okta:loa:2fa:any\"]}\n"
             "      aal2_phr: {accept: [phr]}\n      aal3: {accept: [phrh]}\n",
-        )
+        ),
+        # With two issuers, roles and scopes must say whose (policy validation).
+        ("allow: {roles: [teller, customer]}", "allow: {issuers: [bench, dev], roles: [teller, customer]}"),
+        ("allow: {roles: [teller], scopes: [payments]}", "allow: {issuers: [bench, dev], roles: [teller], scopes: [payments]}"),
+        ("allow: {roles: [admin]}", "allow: {issuers: [bench, dev], roles: [admin]}"),
     )
     p = tmp / "policy.yaml"
     p.write_text(text)

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +40,23 @@ def _rate(text: str) -> float:
     return v
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of workers")
-    return n
+def _whole(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high`, else "'TEXT' is not WHAT"."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = low - 1
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return n
+
+    return parse
 
 
-def _entries(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of entries from 0 to 1000000")
-    return n
+_positive = _whole(1, sys.maxsize, "a positive number of workers")
+_entries = _whole(0, 1_000_000, "a number of entries from 0 to 1000000")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -95,6 +95,7 @@ class Engine:
         self.policy = policy
         self._cache: dict[tuple[Any, ...], dict[tuple[bool, ...], tuple[Decision, float | None]]] = {}
         self._cache_size = max(0, cache_size)
+        self._variants = min(_VARIANTS, self._cache_size)  # decisions one key may hold
         self._entries = 0  # decisions in the cache (a key holds one per combination of risk rules)
         self.cache_hits = 0  # allowed decisions reused
         self.cache_misses = 0  # Checks that could have been answered from the cache, decided instead
@@ -177,7 +178,7 @@ class Engine:
         p = self.policy
         jwt = repr(a.jwt_authn) if a.jwt_authn else ""
         if len(a.bearer) + len(jwt) + len(a.path) + len(a.principal) > _CACHE_KEY_CHARS:
-            return self._decide(a, now, None), False
+            return self._decide(a, now, cell), False
         ext = a.context_extensions.get(p.context_extension_key) if p.context_extension_key else None
         key = (a.method, a.path, a.principal, a.bearer, jwt, ext)
         variants = self._cache.get(key)  # whether each risk rule fires -> (decision, freshness)
@@ -221,7 +222,7 @@ class Engine:
             variants = {}
         else:
             del self._cache[key]  # (put back last: the oldest keys go first)
-            if len(variants) >= min(_VARIANTS, self._cache_size):
+            if len(variants) >= self._variants:
                 self._entries -= len(variants)
                 variants.clear()
         variants[fired if fired is not None else self._fired(a, now)] = (d, fresh_for)

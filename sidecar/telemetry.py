@@ -835,11 +835,9 @@ class Telemetry:
             decision,
             policy_version,
             fields,
-            # (For one call, only what it uses: no span attributes when not tracing.)
-            {f"authz.{k}": v for k, v in fields.items() if v != "" and v != []}
-            if remember or self._tracing
-            else {},
-            _decision_middle(fields, False) if remember or self.decision_log is not None else "",
+            # (Only what record uses: span attributes when tracing, the line's part when logging.)
+            {f"authz.{k}": v for k, v in fields.items() if v != "" and v != []} if self._tracing else {},
+            _decision_middle(fields, False) if self.decision_log is not None else "",
             by_reason,
             by_sensitivity,
         )

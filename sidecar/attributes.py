@@ -43,6 +43,7 @@ class RequestAttributes:
     auth_problem: str = ""
     header_problem: str = ""
     method_override: bool = False  # X-HTTP-Method-Override (and kin) or a `_method` query parameter
+    jwt_authn_bytes: int = 0  # the jwt_authn metadata's wire size (a cheap bound on its size)
 
 
 def from_check_request(req: Any) -> RequestAttributes:
@@ -122,9 +123,11 @@ def from_check_request(req: Any) -> RequestAttributes:
     path, path_error = known
 
     jwt_authn: dict[str, Any] = {}
+    jwt_authn_bytes = 0
     md = attrs.metadata_context.filter_metadata
     if JWT_AUTHN_NAMESPACE in md:
-        jwt_authn = _struct(md[JWT_AUTHN_NAMESPACE])
+        st = md[JWT_AUTHN_NAMESPACE]
+        jwt_authn, jwt_authn_bytes = _struct(st), st.ByteSize()
 
     q = raw_path.find("?")
     method_override = (
@@ -151,6 +154,7 @@ def from_check_request(req: Any) -> RequestAttributes:
         auth_problem=auth_problem,
         header_problem=header_problem,
         method_override=method_override,
+        jwt_authn_bytes=jwt_authn_bytes,
     )
 
 

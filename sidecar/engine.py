@@ -176,6 +176,8 @@ class Engine:
         ):
             return self._decide(a, now, cell), False
         p = self.policy
+        if a.jwt_authn_bytes > _CACHE_KEY_CHARS:  # (its repr is longer still: not worth making)
+            return self._decide(a, now, cell), False
         jwt = repr(a.jwt_authn) if a.jwt_authn else ""
         if len(a.bearer) + len(jwt) + len(a.path) + len(a.principal) > _CACHE_KEY_CHARS:
             return self._decide(a, now, cell), False

@@ -460,3 +460,20 @@ def test_hits_and_misses_are_counted_for_operators_across_reloads() -> None:
     runtime.swap(load_policy_text(RISKY))
     assert [check(TOKENS[0]) for _ in range(2)] == ["allowed"] * 2
     assert counted() == (3, 2)
+
+
+def test_huge_jwt_authn_metadata_is_not_even_made_into_a_key() -> None:
+    """(red-team helper-15) Over the key cap by its wire size, the claims are never repr()'d for
+    a key (1.6 MB of metadata cost 15% more per Check)."""
+
+    class NoRepr(dict):  # type: ignore[type-arg]
+        def __repr__(self) -> str:
+            raise AssertionError("repr() of metadata over the cap")
+
+    cached, fresh = _engines()
+    claims = {**_claims(TOKENS[0]), "pad": "x" * 5000}
+    a = from_check_request(check_request(BALANCE, jwt_payload=claims, headers={"x-device-id": "laptop-7f3a"}))
+    assert a.jwt_authn_bytes > 4096
+    a = dataclasses.replace(a, jwt_authn=NoRepr(a.jwt_authn))
+    assert cached.decide(a, NOW) == fresh.decide(a, NOW)
+    assert cached.decide(a, NOW).reason == "allowed" and len(cached._cache) == 0

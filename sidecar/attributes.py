@@ -138,23 +138,24 @@ def from_check_request(req: Any) -> RequestAttributes:
     )
     source = attrs.source
     ext = attrs.context_extensions
+    # Positional, in the field order above (keywords cost half a microsecond more per Check).
     return RequestAttributes(
-        method=http.method,  # case-sensitive (RFC 9110 §9.1)
-        raw_path=raw_path,
-        path=path,
-        path_error=path_error,
-        host=(http.host or headers.get(":authority", "")).lower(),
-        headers=headers,
-        is_grpc=headers.get("content-type", "").startswith("application/grpc"),
-        principal=source.principal,
-        source_ip=source.address.socket_address.address,
-        jwt_authn=jwt_authn,
-        context_extensions={k: ext[k] for k in ext} if len(ext) else {},
-        bearer=bearer,
-        auth_problem=auth_problem,
-        header_problem=header_problem,
-        method_override=method_override,
-        jwt_authn_bytes=jwt_authn_bytes,
+        http.method,  # method: case-sensitive (RFC 9110 §9.1)
+        raw_path,
+        path,
+        path_error,
+        (http.host or headers.get(":authority", "")).lower(),  # host
+        headers,
+        headers.get("content-type", "").startswith("application/grpc"),  # is_grpc
+        source.principal,
+        source.address.socket_address.address,  # source_ip
+        jwt_authn,
+        {k: ext[k] for k in ext} if len(ext) else {},  # context_extensions
+        bearer,
+        auth_problem,
+        header_problem,
+        method_override,
+        jwt_authn_bytes,
     )
 
 

@@ -152,6 +152,22 @@ def test_the_decision_line_is_the_json_of_its_fields(subject: str) -> None:
     assert list(_json.loads(line)) == list(expected)  # and in the same order
 
 
+@settings(max_examples=300, deadline=None)
+@given(end_ns=st.integers(0, 4_102_444_800 * 10**9), duration=st.floats(0, 1000, allow_nan=False))
+def test_the_lines_times_are_the_instant_to_the_microsecond_and_the_duration_to_a_tenth(
+    end_ns: int, duration: float
+) -> None:
+    """ts and duration_us are formatted from integers (not float rounding): the same numbers."""
+    d = _Decision(_Outcome.ALLOW, "allowed", 200, "ok")
+    doc = _json.loads(decision_line(end_ns, "", "", decision_fields(d, "0" * 16, "p@1"), "GET", True, duration, False, ""))
+    assert abs(doc["ts"] - end_ns / 1e9) <= 5e-7 + abs(end_ns / 1e9) * 1e-15
+    assert abs(doc["duration_us"] - duration * 1e6) <= 0.05 + duration * 1e-9
+    ts_text = decision_line(end_ns, "", "", decision_fields(d, "0" * 16, "p@1"), "GET", True, 0.0, False, "")
+    assert ts_text.startswith('{"ts":')
+    whole, frac = ts_text[len('{"ts":') :].split(",", 1)[0].split(".")
+    assert int(whole) * 10**6 + int(frac) == (end_ns + 500) // 1000 and len(frac) == 6
+
+
 _LINE_SCHEMA = _json.loads(
     (__import__("pathlib").Path(__file__).parent.parent / "sidecar" / "decision-line.schema.json").read_text()
 )

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import traceback
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -575,9 +576,50 @@ class LineWriter:
             pass  # a closed stdout must not stop decisions
 
 
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25, 0.5)
+
+
+class _Tally:
+    """A counter's increments as a plain integer (`n += 1` on the hot path: a prometheus child's
+    inc takes a lock and costs ~0.4 µs); `Metrics.flush` adds them to the child."""
+
+    __slots__ = ("child", "n", "synced")
+
+    def __init__(self, child: Any) -> None:
+        self.n = 0
+        self.child = child
+        self.synced = 0
+
+
+class _FlushFirst:
+    """Registered first in a Metrics registry: every collection (a scrape, `get_sample_value`)
+    flushes the tallies before the counters are read, so a scrape is never behind."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> list[Any]:
+        self.metrics.flush()
+        return []
+
+    def describe(self) -> list[Any]:
+        return []
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        # The per-Check counters and the latency histogram are counted as plain numbers and
+        # flushed into prometheus on every collection and every half second (workers: their
+        # scrape is the supervisor's, of the files the flush writes).
+        self._flush_lock = threading.Lock()
+        self._tallies: list[_Tally] = []
+        self._tally_of: dict[tuple[int, tuple[str, ...]], _Tally] = {}
+        self.latency_counts = [0] * (len(_LATENCY_BUCKETS) + 1)  # the last: above every bound
+        self.latency_sum = 0.0
+        self._latency_synced = [0] * len(self.latency_counts)
+        self._latency_sum_synced = 0.0
+        self.registry.register(_FlushFirst(self))
         self.decisions = Counter(
             "stepup_decisions",
             "Check decisions by outcome and reason",
@@ -593,7 +635,7 @@ class Metrics:
         self.latency = Histogram(
             "stepup_check_duration_seconds",
             "Time to decide one Check (in the sidecar)",
-            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25, 0.5),
+            buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.token_cache = Counter(
@@ -656,12 +698,48 @@ class Metrics:
         )
 
 
+    def tally(self, metric: Any, *labels: str) -> _Tally:
+        """The tally of `metric`'s child with these labels (one per child, kept)."""
+        key = (id(metric), labels)
+        t = self._tally_of.get(key)
+        if t is None:
+            t = self._tally_of[key] = _Tally(metric.labels(*labels) if labels else metric)
+            self._tallies.append(t)
+        return t
+
+    def observe_latency(self, seconds: float) -> None:
+        """As `latency.observe`: the first bucket whose bound is at least `seconds`."""
+        self.latency_counts[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+    def flush(self) -> None:
+        """Add what the tallies and the latency counts gained since the last flush to the
+        prometheus metrics (from the loop's half-second task and from a scrape's thread: one at
+        a time; the hot path only ever adds to the tallies)."""
+        with self._flush_lock:
+            for t in self._tallies:
+                n = t.n
+                if n != t.synced:
+                    t.child.inc(n - t.synced)
+                    t.synced = n
+            h = self.latency
+            counts, synced = self.latency_counts, self._latency_synced
+            for i, c in enumerate(counts):
+                if c != synced[i]:
+                    h._buckets[i].inc(c - synced[i])  # (Histogram.observe's own per-bucket values)
+                    synced[i] = c
+            total = self.latency_sum
+            if total != self._latency_sum_synced:
+                h._sum.inc(total - self._latency_sum_synced)
+                self._latency_sum_synced = total
+
     def sync(
         self, verifier: Any, policies: Mapping[str, Any], decision_cache: tuple[int, int] = (0, 0)
     ) -> None:
         """Bring the counters kept as plain integers (token cache, decision cache, JWKS fetches)
         and the policy info up to date: called every half second, so the hot path never touches
         them."""
+        self.flush()
         self._add(self.token_cache.labels("hit"), ("hit",), verifier.hits)
         self._add(self.token_cache.labels("miss"), ("miss",), verifier.misses)
         self._add(self.decision_cache.labels("hit"), ("decision", "hit"), decision_cache[0])
@@ -707,6 +785,7 @@ class Telemetry:
         self.metrics = metrics or Metrics()
         self._counters: dict[tuple[str, str], Any] = {}
         self._by_sensitivity: dict[tuple[str, str], Any] = {}
+        self._explains = self.metrics.tally(self.metrics.explains)
         self._children: dict[tuple[Any, ...], Any] = {}
         self._static: dict[int, _Static] = {}  # id(decision) -> what record takes from it
         self._tracing = provider is not None
@@ -796,11 +875,11 @@ class Telemetry:
             ctx = trace.get_current_span(parent).get_span_context()
         duration = max(0, end_ns - start_ns) / 1e9  # the wall clock may step back meanwhile
         if explain:
-            self.metrics.explains.inc()
+            self._explains.n += 1
         else:
-            static.by_reason.inc()
-            static.by_sensitivity.inc()
-            self.metrics.latency.observe(duration)
+            static.by_reason.n += 1
+            static.by_sensitivity.n += 1
+            self.metrics.observe_latency(duration)
         if self.decision_log is not None and (
             self.sample_allowed >= 1.0 or not decision.allowed or disagrees or explain or self._sampled()
         ):
@@ -824,13 +903,13 @@ class Telemetry:
         key = (decision.outcome.value, decision.reason)
         by_reason = self._counters.get(key)
         if by_reason is None:
-            by_reason = self._counters[key] = self.metrics.decisions.labels(*key)
+            by_reason = self._counters[key] = self.metrics.tally(self.metrics.decisions, *key)
         key = (decision.sensitivity or "none", decision.outcome.value)
         by_sensitivity = self._by_sensitivity.get(key)
         if by_sensitivity is None:
             if len(self._by_sensitivity) >= 1024:  # levels are the policy's: few, but bounded
                 key = ("other", key[1])
-            by_sensitivity = self._by_sensitivity[key] = self.metrics.by_sensitivity.labels(*key)
+            by_sensitivity = self._by_sensitivity[key] = self.metrics.tally(self.metrics.by_sensitivity, *key)
         static = _Static(
             decision,
             policy_version,
@@ -896,6 +975,7 @@ class Telemetry:
 
     def shutdown(self) -> None:
         self.flush()
+        self.metrics.flush()  # (a worker's last counts reach its metrics file)
         if isinstance(self.provider, TracerProvider):
             self.provider.shutdown()
 
@@ -914,8 +994,8 @@ class _Static:
     fields: dict[str, Any]  # decision_fields but the decision id
     span_attrs: dict[str, Any]  # authz.<field> for the non-empty ones but the decision id
     middle: str  # _decision_middle(fields, False)
-    by_reason: Any  # the labelled children of the decisions counters
-    by_sensitivity: Any
+    by_reason: _Tally  # of the decisions counters' labelled children
+    by_sensitivity: _Tally
 
 LINE_LIMIT = 4096  # LineWriter.CHUNK: a longer line could tear between workers sharing a pipe
 FIELD_CHARS = 256  # a string from a token, a peer or a request is cut after this many characters

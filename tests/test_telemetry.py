@@ -396,3 +396,58 @@ def test_an_allow_for_a_decision_seen_before_is_the_same_bytes_with_its_own_id()
     for h in (hdrs, hdrs, other, hdrs):
         for did in ("0123456789abcdef", "fedcba9876543210"):
             assert _response.allow_bytes(d, did, h, True) == _response.allow(d, did, h).SerializeToString()
+
+
+_BOUNDS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25, 0.5]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    batches=st.lists(
+        st.lists(st.one_of(st.sampled_from([0.0, *_BOUNDS, 0.7]), st.floats(0, 2, allow_nan=False)), max_size=20),
+        max_size=4,
+    )
+)
+def test_the_latency_histogram_counted_as_plain_numbers_is_what_observe_would_give(
+    batches: list[list[float]],
+) -> None:
+    """The hot path counts into plain lists; a scrape (any collection) flushes them into the
+    histogram first: the same buckets (le is inclusive), count and sum as Histogram.observe, at
+    every scrape, however the observations fall between scrapes."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    m = Metrics()
+    ref = Histogram("ref", "ref", buckets=_BOUNDS, registry=CollectorRegistry())
+    for batch in batches:
+        for x in batch:
+            m.observe_latency(x)
+            ref.observe(x)
+        want = {s.labels.get("le"): s.value for s in ref.collect()[0].samples if s.name.endswith(("_bucket", "_count"))}
+        got = {
+            s.labels.get("le"): s.value
+            for fam in m.registry.collect() if fam.name == "stepup_check_duration_seconds"
+            for s in fam.samples if s.name.endswith(("_bucket", "_count"))
+        }  # fmt: skip
+        assert got == want
+        got_sum = m.registry.get_sample_value("stepup_check_duration_seconds_sum")
+        assert got_sum == pytest.approx(sum(s.value for s in ref.collect()[0].samples if s.name == "ref_sum"))
+
+
+def test_decision_counts_are_in_the_registry_at_once_and_counted_once_however_often_it_is_read() -> None:
+    from sidecar.telemetry import Telemetry
+
+    tel = Telemetry(None, decision_log=None)
+    d = _Decision(_Outcome.ALLOW, "allowed", 200, sensitivity="high")
+    reg = tel.metrics.registry
+    for i in range(1, 4):
+        tel.record(decision=d, attrs=None, decision_id="0" * 16, policy_version="p@1", start_ns=0, parent=None)
+        for _ in range(2):  # each read flushes; a second read adds nothing
+            assert reg.get_sample_value("stepup_decisions_total", {"outcome": "allow", "reason": "allowed"}) == i
+            assert reg.get_sample_value(
+                "stepup_decisions_by_sensitivity_total", {"sensitivity": "high", "outcome": "allow"}
+            ) == i
+            assert reg.get_sample_value("stepup_check_duration_seconds_count") == i
+    tel.record(decision=d, attrs=None, decision_id="0" * 16, policy_version="p@1", start_ns=0, parent=None,
+               explain=True)  # fmt: skip
+    assert reg.get_sample_value("stepup_explains_total") == 1
+    assert reg.get_sample_value("stepup_decisions_total", {"outcome": "allow", "reason": "allowed"}) == 3

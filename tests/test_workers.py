@@ -75,8 +75,13 @@ def test_two_workers_on_their_own_ports(tmp_path: Path) -> None:
         for port in (base, base + 1):
             for _ in range(3):
                 assert _check(f"127.0.0.1:{port}", transfer) == (16, "missing_credential")
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
-            text = r.read().decode()
+        deadline = time.monotonic() + 5  # a worker writes its counts every half second
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            if _sample(text, "stepup_decisions_total") >= 6 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert _sample(text, "stepup_decisions_total") == 6  # one scrape, both workers
         assert _sample(text, "stepup_decisions_by_sensitivity_total") == 6
         infos = [x for x in text.splitlines() if x.startswith("stepup_policy_info{") and x.endswith(" 1.0")]

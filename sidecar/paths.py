@@ -41,9 +41,19 @@ class PathError(ValueError):
         self.code = code
 
 
+_VALID_METHODS: dict[str, bool] = {}  # method -> valid_method's answer (a few methods repeat)
+
+
 def valid_method(method: str) -> bool:
     """An RFC 9110 method token of at most MAX_METHOD characters (case is kept: `get` is not `GET`)."""
-    return _METHOD.fullmatch(method) is not None and method != "*"  # '*' is the policy's wildcard
+    ok = _VALID_METHODS.get(method)
+    if ok is None:
+        ok = _METHOD.fullmatch(method) is not None and method != "*"  # '*' is the policy's wildcard
+        if len(method) <= 32:  # remembered: at most 256 short ones (emptied when full)
+            if len(_VALID_METHODS) >= 256:
+                _VALID_METHODS.clear()
+            _VALID_METHODS[method] = ok
+    return ok
 
 
 def normalize_path(raw: str) -> str:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import re
 import struct
 import sys
 import threading
@@ -96,6 +97,7 @@ class _DefaultPropagator(CompositePropagator):
 
 
 _HEX = frozenset("0123456789abcdef")
+_TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 
 
@@ -828,7 +830,6 @@ class Telemetry:
         static = self._static.get(id(decision)) if remember else None
         if static is None or static.decision is not decision or static.policy_version != policy_version:
             static = self._derive(decision, policy_version, remember)
-        fields = {"decision_id": decision_id, **static.fields}
         shadow_part = candidate_part = sample_part = ""
         disagrees = cand_differs = False
         if shadow or candidate is not None:
@@ -891,9 +892,9 @@ class Telemetry:
                 trace_id, span_id = ids
             self.decision_log.write(
                 decision_line(
-                    end_ns, trace_id, span_id, fields, method, attrs.is_grpc if attrs else False, duration,
-                    explain, type(error).__name__ if error is not None else "", shadow_part, candidate_part,
-                    sample_part, static.middle,
+                    end_ns, trace_id, span_id, static.fields, method, attrs.is_grpc if attrs else False,
+                    duration, explain, type(error).__name__ if error is not None else "", shadow_part,
+                    candidate_part, sample_part, static.middle, decision_id,
                 )
             )
 
@@ -1027,6 +1028,7 @@ def decision_line(
     candidate: str = "",
     sample: str = "",
     middle: str = "",
+    decision_id: str = "",
 ) -> str:
     """The decision log line: the JSON `json.dumps` would write for these fields, built directly
     (it is written for every Check). Strings from a token or a peer are escaped; the others are
@@ -1038,18 +1040,24 @@ def decision_line(
     be longer loses, in this order and only as far as needed, and then says `truncated: true`:
     the shadow details; then rule lists beyond four ids each, ids beyond 64 characters and
     strings beyond 16; then the candidate's details. The decision and `sample_rate` always stay.
-    `middle`: `_decision_middle(f, False)` when the caller has it already."""
-    line = _decision_body(end_ns, trace_id, span_id, f, method, grpc, duration, explain, error, False, middle)
+    `middle`: `_decision_middle(f, False)` when the caller has it already; `decision_id`: when `f`
+    has none."""
+    did = decision_id or f["decision_id"]
+    line = _decision_body(
+        end_ns, trace_id, span_id, f, method, grpc, duration, explain, error, False, middle, did
+    )
     if len(line) + len(beside) + len(candidate) + len(sample) + 2 <= LINE_LIMIT:
         return line + beside + candidate + sample + "}\n"
     tail = ',"truncated":true}\n'
     if len(line) + len(candidate) + len(sample) + len(tail) <= LINE_LIMIT:
         return line + candidate + sample + tail
-    line = _decision_body(end_ns, trace_id, span_id, f, method, grpc, duration, explain, error, True)
+    line = _decision_body(end_ns, trace_id, span_id, f, method, grpc, duration, explain, error, True, "", did)
     if len(line) + len(candidate) + len(sample) + len(tail) <= LINE_LIMIT:
         return line + candidate + sample + tail
     return line + sample + tail  # short: at most ~2,000 bytes whatever the policy and the caller
 
+
+_METHOD_TEXT: dict[str, str] = {}  # method -> _cap(method)
 
 _COMPACT_CHARS = 16  # a string's characters in a compact line (at most 12 escaped bytes each)
 _COMPACT_RULES = 4  # rule ids per list in a compact line
@@ -1066,12 +1074,19 @@ def _short_ids(ids: list[str]) -> str:
 
 def _decision_body(
     end_ns: int, trace_id: str, span_id: str, f: dict[str, Any], method: str, grpc: bool, duration: float,
-    explain: bool, error: str, compact: bool, middle: str = "",
+    explain: bool, error: str, compact: bool, middle: str, decision_id: str,
 ) -> str:  # fmt: skip
     """The line without its closing brace; `compact`: the short form `decision_line` falls back to."""
     cap = _short if compact else _cap
     if compact or not middle:
         middle = _decision_middle(f, compact)
+    method_text = _short(method) if compact else _METHOD_TEXT.get(method)
+    if method_text is None:
+        method_text = _cap(method)
+        if len(method) <= 32:  # remembered: at most 256 short ones (emptied when full)
+            if len(_METHOD_TEXT) >= 256:
+                _METHOD_TEXT.clear()
+            _METHOD_TEXT[method] = method_text
     extra = ',"explain":true' if explain else ""
     if error:
         extra += ',"error":' + cap(error)
@@ -1080,8 +1095,8 @@ def _decision_body(
     tenths = round(duration * 1e7)
     return (
         f'{{"ts":{us // 1_000_000}.{us % 1_000_000:06d},"event":"decision","trace_id":"{trace_id}",'
-        f'"span_id":"{span_id}","decision_id":"{f["decision_id"]}",{middle}'
-        f'"method":{cap(method)},"grpc":{"true" if grpc else "false"},'
+        f'"span_id":"{span_id}","decision_id":"{decision_id}",{middle}'
+        f'"method":{method_text},"grpc":{"true" if grpc else "false"},'
         f'"duration_us":{tenths // 10}.{tenths % 10}{extra}'
     )
 
@@ -1112,12 +1127,10 @@ def trace_ids(headers: Mapping[str, str]) -> tuple[str, str]:
     tp = headers.get("traceparent")
     if tp is not None:
         # The common case, version 00 and well-formed: the ids are the header's own hex.
-        if len(tp) == 55 and tp[:3] == "00-" and tp[35] == "-" and tp[52] == "-":
-            tid, sid = tp[3:35], tp[36:52]
-            if (
-                _HEX.issuperset(tid) and _HEX.issuperset(sid) and _HEX.issuperset(tp[53:55])
-                and tid != _ZERO_TRACE and sid != _ZERO_SPAN
-            ):  # fmt: skip
+        m = _TRACEPARENT_00.fullmatch(tp)
+        if m is not None:
+            tid, sid = m.groups()
+            if tid != _ZERO_TRACE and sid != _ZERO_SPAN:
                 return tid, sid
         # Anything else as OpenTelemetry reads it (the traced path's reading): a later version
         # with more fields, surrounding blanks; version ff, 00 with more fields, upper case: none.

@@ -139,3 +139,18 @@ def test_the_request_reading_remembers_paths_exactly_as_normalize_path_reads_the
     for i in range(attributes._PATHS_MAX + 10):
         attributes.from_check_request(check_request(f"/p/{i}"))
     assert len(attributes._PATHS) <= attributes._PATHS_MAX
+
+
+def test_valid_method_answers_the_same_once_remembered_and_after_its_memo_is_emptied() -> None:
+    """valid_method remembers its answers for short methods (at most 256, emptied when full)."""
+    import re
+
+    from sidecar import paths
+
+    token = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]{1," + str(paths.MAX_METHOD) + "}")
+    cases = ["GET", "get", "*", "", "GE T", "PURGE", "M-SEARCH", "x" * 32, "x" * 33, "G\u00e9T", "GET\n"]
+    cases += [f"M{i}" for i in range(300)] + [f"B d{i}" for i in range(300)]  # past the memo's bound
+    for _ in range(3):
+        for m in cases:
+            assert valid_method(m) == (token.fullmatch(m) is not None and m != "*"), m
+    assert len(paths._VALID_METHODS) <= 256

@@ -343,6 +343,7 @@ _TID, _SID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
         f" \t00-{_TID}-{_SID}-01 ", f"ff-{_TID}-{_SID}-01", f"00-{_TID}-{_SID}-01-extra",
         f"00-{_TID.upper()}-{_SID}-01", f"00-{_TID}-{_SID}", f"00-{'0' * 32}-{_SID}-01", f"00-{_TID}-{'0' * 16}-01",
         f"00-{_TID}-{_SID}-01,00-{_TID}-{_SID}-01", f"0-{_TID}-{_SID}-01", "", f"01-{_TID}-{_SID}-01" + "x" * 600,
+        f"00-{_TID}-{_SID}-01\n", f"00-{_TID}-{_SID}-0g", f"00-{_TID[:-1]}g-{_SID}-01",
     ],
 )  # fmt: skip
 def test_the_untraced_log_reads_a_traceparent_as_the_traced_path_does(traceparent: str) -> None:
@@ -356,7 +357,7 @@ def test_the_untraced_log_reads_a_traceparent_as_the_traced_path_does(traceparen
     expected = (format(sc.trace_id, "032x"), format(sc.span_id, "016x")) if sc.is_valid else ("", "")
     assert trace_ids({"traceparent": traceparent}) == expected
     valid = {f"00-{_TID}-{_SID}-01", f"01-{_TID}-{_SID}-01-what-comes-later", f"cc-{_TID}-{_SID}-00",
-             f" \t00-{_TID}-{_SID}-01 "}  # fmt: skip
+             f" \t00-{_TID}-{_SID}-01 ", f"00-{_TID}-{_SID}-01\n"}  # fmt: skip
     assert (expected == (_TID, _SID)) == (traceparent in valid)
 
 

@@ -32,6 +32,14 @@ from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import Decision as SamplingDecision
+from opentelemetry.sdk.trace.sampling import (
+    ParentBased,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    StaticSampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -112,6 +120,53 @@ def _parse_traceparent(value: str) -> trace.SpanContext | None:
     if trace_id == 0 or span_id == 0:
         return None
     return trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(int(flags, 16)))
+
+
+class _Remote:
+    """The caller's span context as read straight off a version-00 `traceparent` with no
+    `tracestate` (the common case), without OpenTelemetry's context objects: what FastSpans
+    needs. `context()` is the Context the default propagator extracts from the same headers."""
+
+    __slots__ = ("flags", "span_id", "trace_id")
+
+    def __init__(self, trace_id: int, span_id: int, flags: int) -> None:
+        self.trace_id, self.span_id, self.flags = trace_id, span_id, flags
+
+    def context(self) -> Context:
+        flags = trace.TraceFlags(self.flags)
+        sc = trace.SpanContext(self.trace_id, self.span_id, is_remote=True, trace_flags=flags)
+        return trace.set_span_in_context(trace.NonRecordingSpan(sc))
+
+
+Parent = Context | _Remote
+
+
+def _as_context(parent: Parent | None) -> Context | None:
+    return parent.context() if isinstance(parent, _Remote) else parent
+
+
+def _sampling_rule(s: Sampler) -> Callable[[bool | None, int], bool] | None:
+    """For the SDK's own samplers (those OTEL_TRACES_SAMPLER names): whether a span is sampled,
+    from a remote parent's sampled flag (None: no parent) and the trace id, as their
+    `should_sample` decides it (they return the attributes given and the parent's trace state);
+    None for any other sampler, which is then asked itself."""
+    t = type(s)
+    if t is StaticSampler:
+        on = s._decision is SamplingDecision.RECORD_AND_SAMPLE  # type: ignore[attr-defined]
+        return lambda parent, trace_id: on
+    if t is TraceIdRatioBased:
+        limit, bound = s.TRACE_ID_LIMIT, s.bound  # type: ignore[attr-defined]
+        return lambda parent, trace_id: trace_id & limit < bound
+    if t is ParentBased or t is ParentBasedTraceIdRatio:
+        root = _sampling_rule(s._root)  # type: ignore[attr-defined]
+        yes = _sampling_rule(s._remote_parent_sampled)  # type: ignore[attr-defined]
+        no = _sampling_rule(s._remote_parent_not_sampled)  # type: ignore[attr-defined]
+        if root is None or yes is None or no is None:
+            return None
+        return lambda parent, trace_id: (
+            root(None, trace_id) if parent is None else (yes if parent else no)(parent, trace_id)
+        )
+    return None
 
 
 def build_propagator() -> TextMapPropagator:
@@ -445,12 +500,29 @@ class FastSpans:
         self.sampler = provider.sampler
         self.ids = provider.id_generator
         self.processor = processor
+        self._rule = _sampling_rule(self.sampler)
 
     def record(
-        self, name: str, parent: Context | None, start_ns: int, end_ns: int, attrs: dict[str, Any]
+        self, name: str, parent: Parent | None, start_ns: int, end_ns: int, attrs: dict[str, Any]
     ) -> tuple[int, int]:
         """The new span's trace id and span id (made, as the SDK makes them, also when the sampler
         drops it: the decision log names them)."""
+        rule = self._rule
+        if type(parent) is _Remote:
+            if rule is not None:  # (the SDK's sampler, as it would decide: no context objects)
+                trace_id = parent.trace_id
+                sampled = rule(bool(parent.flags & 1), trace_id)
+                span_id = self.ids.generate_span_id()
+                if sampled:
+                    self.processor.put(
+                        _FastSpan(name, trace_id, span_id, parent.span_id, True, "", start_ns, end_ns, attrs)
+                    )
+                return trace_id, span_id
+        return self._record(name, _as_context(parent), start_ns, end_ns, attrs)
+
+    def _record(
+        self, name: str, parent: Context | None, start_ns: int, end_ns: int, attrs: dict[str, Any]
+    ) -> tuple[int, int]:
         # As the SDK's tracer: no context means the current one (an ambient span is the parent).
         pctx: trace.SpanContext | None = trace.get_current_span(parent).get_span_context()
         if pctx is None or not pctx.is_valid:
@@ -783,6 +855,7 @@ class Telemetry:
         self.provider = provider
         self.tracer = (provider or trace.NoOpTracerProvider()).get_tracer("stepup-sidecar", __version__)
         self.propagator = propagator or build_propagator()
+        self._w3c_first = type(self.propagator) is _DefaultPropagator
         self.decision_log = decision_log
         self.metrics = metrics or Metrics()
         self._counters: dict[tuple[str, str], Any] = {}
@@ -800,7 +873,17 @@ class Telemetry:
     def tracing(self) -> bool:
         return self._tracing
 
-    def parent(self, carrier: Mapping[str, str]) -> Context:
+    def parent(self, carrier: Mapping[str, str]) -> Parent:
+        """The caller's trace context: the propagator's, or for the default propagator and a
+        plain version-00 traceparent (no tracestate), the same read without its objects."""
+        if self._w3c_first and "tracestate" not in carrier:
+            tp = carrier.get("traceparent")
+            if tp is not None:
+                m = _TRACEPARENT_00.fullmatch(tp)
+                if m is not None:
+                    trace_id, span_id = int(m[1], 16), int(m[2], 16)
+                    if trace_id and span_id:
+                        return _Remote(trace_id, span_id, int(tp[53:55], 16))
         return self.propagator.extract(carrier)
 
     def record(
@@ -811,7 +894,7 @@ class Telemetry:
         decision_id: str,
         policy_version: str,
         start_ns: int,
-        parent: Context | None,
+        parent: Parent | None,
         error: BaseException | None = None,
         explain: bool = False,
         ids: tuple[str, str] = ("", ""),
@@ -863,8 +946,9 @@ class Telemetry:
                 ids = (format(tid, "032x"), format(sid, "016x"))
             else:
                 span = self.tracer.start_span(
-                    name, context=parent, kind=SpanKind.SERVER, start_time=start_ns, attributes=span_attrs
-                )
+                    name, context=_as_context(parent), kind=SpanKind.SERVER, start_time=start_ns,
+                    attributes=span_attrs,
+                )  # fmt: skip
                 if error is not None:
                     # The exception's type only: its message and stack trace can quote request
                     # content (a header, the token), as log_internal_error knows.
@@ -873,7 +957,7 @@ class Telemetry:
                 span.end(end_time=end_ns)
                 ctx = span.get_span_context()
         elif parent is not None:
-            ctx = trace.get_current_span(parent).get_span_context()
+            ctx = trace.get_current_span(_as_context(parent)).get_span_context()
         duration = max(0, end_ns - start_ns) / 1e9  # the wall clock may step back meanwhile
         if explain:
             self._explains.n += 1

@@ -321,3 +321,77 @@ def test_spans_still_queued_at_shutdown_are_counted_as_dropped() -> None:
     release.set()
     assert proc.dropped == 4  # one batch of 2 was taken by the stuck export, 4 never left
     assert metrics.registry.get_sample_value("stepup_spans_dropped_total") == 4
+
+
+# --- a caller's traceparent read without context objects (Telemetry.parent -> _Remote) ------------
+
+_TP_TID, _TP_SID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+HEADERS = {
+    "sampled": {"traceparent": f"00-{_TP_TID}-{_TP_SID}-01"},
+    "not sampled": {"traceparent": f"00-{_TP_TID}-{_TP_SID}-00"},
+    "other flags": {"traceparent": f"00-{_TP_TID}-{_TP_SID}-03"},
+    "flags without sampled": {"traceparent": f"00-{_TP_TID}-{_TP_SID}-fe"},
+    "with tracestate": {"traceparent": f"00-{_TP_TID}-{_TP_SID}-01", "tracestate": "a=1,vendor=x"},
+    "upper case": {"traceparent": f"00-{_TP_TID.upper()}-{_TP_SID}-01"},
+    "later version": {"traceparent": f"01-{_TP_TID}-{_TP_SID}-01-more"},
+    "zero span": {"traceparent": f"00-{_TP_TID}-{'0' * 16}-01"},
+    "b3": {"b3": f"{_TP_TID}-{_TP_SID}-1"},
+    "none": {},
+}
+SAMPLERS = {
+    "parentbased_always_on": ParentBased(ALWAYS_ON), "parentbased_always_off": ParentBased(ALWAYS_OFF),
+    "always_on": ALWAYS_ON, "always_off": ALWAYS_OFF,
+    "parentbased_ratio": ParentBased(TraceIdRatioBased(0.5)), "ratio": TraceIdRatioBased(0.5),
+    "ratio_0": TraceIdRatioBased(0.0), "ratio_1": TraceIdRatioBased(1.0),
+    "parentbased_inverted": ParentBased(ALWAYS_ON, remote_parent_sampled=ALWAYS_OFF, remote_parent_not_sampled=ALWAYS_ON),
+    "parentbased_ratio_children": ParentBased(ALWAYS_OFF, remote_parent_sampled=TraceIdRatioBased(0.5),
+                                              remote_parent_not_sampled=TraceIdRatioBased(0.5)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("headers", HEADERS.values(), ids=HEADERS.keys())
+@pytest.mark.parametrize("sampler", SAMPLERS.values(), ids=SAMPLERS.keys())
+def test_a_traceparent_read_without_contexts_samples_and_encodes_as_the_sdk(
+    sampler: Sampler, headers: dict[str, str]
+) -> None:
+    """Telemetry.parent reads a plain version-00 traceparent itself, and FastSpans decides for
+    the SDK's samplers without asking them: the same sampling, ids and bytes as the SDK's tracer
+    given the propagator's context for the same headers."""
+    from sidecar.telemetry import Telemetry, _Remote, build_propagator
+
+    parent = Telemetry(None, decision_log=None).parent(headers)
+    assert isinstance(parent, _Remote) == (headers in (HEADERS["sampled"], HEADERS["not sampled"],
+                                                       HEADERS["other flags"], HEADERS["flags without sampled"]))  # fmt: skip
+    if isinstance(parent, _Remote):
+        assert trace.get_current_span(parent.context()).get_span_context() == trace.get_current_span(
+            build_propagator().extract(headers)
+        ).get_span_context()
+    for seed in range(40):
+        keep = Keep()
+        sdk = TracerProvider(resource=RESOURCE, sampler=sampler, id_generator=FixedIds(seed))
+        sdk.add_span_processor(SimpleSpanProcessor(keep))
+        span = sdk.get_tracer("stepup-sidecar", __version__).start_span(
+            SPAN_NAME, context=build_propagator().extract(headers), kind=SpanKind.SERVER,
+            start_time=1_700_000_000_123_456_789, attributes=DECISION,
+        )  # fmt: skip
+        span.end(end_time=1_700_000_000_124_000_001)
+        q = Queue()
+        fast_spans = FastSpans(TracerProvider(resource=RESOURCE, sampler=sampler, id_generator=FixedIds(seed)), q)  # type: ignore[arg-type]
+        ids = fast_spans.record(SPAN_NAME, parent, 1_700_000_000_123_456_789, 1_700_000_000_124_000_001, dict(DECISION))
+        ctx = span.get_span_context()
+        assert ids == (ctx.trace_id, ctx.span_id)
+        assert len(q.items) == len(keep.spans)
+        if keep.spans:
+            assert q.items[0].encode({}) == sdk_span_bytes(keep.spans[0])
+
+
+def test_the_sdks_samplers_are_decided_without_asking_them_and_any_other_is_asked() -> None:
+    from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+
+    from sidecar.telemetry import _sampling_rule
+
+    for sampler in [*SAMPLERS.values(), ParentBasedTraceIdRatio(0.25)]:
+        assert _sampling_rule(sampler) is not None
+    assert _sampling_rule(Redacting()) is None
+    assert _sampling_rule(ParentBased(Redacting())) is None
+    assert _sampling_rule(ParentBased(ALWAYS_ON, remote_parent_sampled=Redacting())) is None

@@ -446,18 +446,46 @@ def _key(keys: dict[str, bytes], k: str) -> bytes:
     return key
 
 
+def _encode_attrs(attrs: dict[str, Any], keys: dict[str, bytes], parts: list[bytes]) -> None:
+    """Append the KeyValue fields of `attrs`, in order."""
+    for k, v in attrs.items():
+        if not _encodable(v):
+            continue  # the SDK drops such an attribute too (None, a mapping, beyond int64)
+        if k in _STABLE and type(v) in _SCALARS:
+            ck = (k, type(v), v)  # the type too: True == 1 == 1.0 as dict keys
+            kv = _STABLE_KV.get(ck)
+            if kv is None:
+                kv = _field(b"\x4a", _key(keys, k) + _field(b"\x12", _any_value(v)))
+                if len(_STABLE_KV) >= 1024:  # bounded, though these values are few
+                    _STABLE_KV.clear()
+                _STABLE_KV[ck] = kv
+            parts.append(kv)
+        else:
+            parts.append(_field(b"\x4a", _key(keys, k) + _field(b"\x12", _any_value(v))))
+
+
+# id(a remembered decision's span attributes) -> (that dict, its KeyValue fields). Export threads.
+_BLOCKS: dict[int, tuple[dict[str, Any], bytes]] = {}
+_BLOCKS_MAX = 4096
+
+
 class _FastSpan:
     """What the loop thread records of a sampled decision; encoded in the export thread."""
 
-    __slots__ = ("attrs", "end", "name", "parent_id", "remote", "span_id", "start", "trace_id", "trace_state")
+    __slots__ = (
+        "attrs", "end", "name", "parent_id", "remote", "span_id", "start", "static", "trace_id",
+        "trace_state",
+    )  # fmt: skip
 
     def __init__(
         self, name: str, trace_id: int, span_id: int, parent_id: int, remote: bool, trace_state: str,
-        start: int, end: int, attrs: dict[str, Any],
+        start: int, end: int, attrs: dict[str, Any], static: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
+        """`static`: attributes that come before `attrs`, the same dict object for many spans (a
+        remembered decision's): encoded once."""
         self.name, self.trace_id, self.span_id, self.parent_id = name, trace_id, span_id, parent_id
         self.remote, self.trace_state, self.start, self.end = remote, trace_state, start, end
-        self.attrs = attrs
+        self.attrs, self.static = attrs, static
 
     def encode(self, keys: dict[str, bytes]) -> bytes:
         """The Span message, field by field as opentelemetry-proto numbers them."""
@@ -473,20 +501,18 @@ class _FastSpan:
             b"\x39", struct.pack("<Q", self.start),
             b"\x41", struct.pack("<Q", self.end),
         )  # fmt: skip
-        for k, v in self.attrs.items():
-            if not _encodable(v):
-                continue  # the SDK drops such an attribute too (None, a mapping, beyond int64)
-            if k in _STABLE and type(v) in _SCALARS:
-                ck = (k, type(v), v)  # the type too: True == 1 == 1.0 as dict keys
-                kv = _STABLE_KV.get(ck)
-                if kv is None:
-                    kv = _field(b"\x4a", _key(keys, k) + _field(b"\x12", _any_value(v)))
-                    if len(_STABLE_KV) >= 1024:  # bounded, though these values are few
-                        _STABLE_KV.clear()
-                    _STABLE_KV[ck] = kv
-                parts.append(kv)
-            else:
-                parts.append(_field(b"\x4a", _key(keys, k) + _field(b"\x12", _any_value(v))))
+        static = self.static
+        if static is not None:
+            hit = _BLOCKS.get(id(static))
+            if hit is None or hit[0] is not static:
+                block: list[bytes] = []
+                _encode_attrs(static, keys, block)
+                hit = (static, b"".join(block))
+                if len(_BLOCKS) >= _BLOCKS_MAX:
+                    _BLOCKS.clear()
+                _BLOCKS[id(static)] = hit  # (holding the dict: its id is not reused meanwhile)
+            parts.append(hit[1])
+        _encode_attrs(self.attrs, keys, parts)
         # status: present and empty (UNSET), as the SDK writes it; flags: the parent is remote or not.
         parts += (b"\x7a\x00", b"\x85\x01", struct.pack("<I", 0x300 if self.remote else 0x100))
         return b"".join(parts)
@@ -503,22 +529,34 @@ class FastSpans:
         self._rule = _sampling_rule(self.sampler)
 
     def record(
-        self, name: str, parent: Parent | None, start_ns: int, end_ns: int, attrs: dict[str, Any]
-    ) -> tuple[int, int]:
+        self, name: str, parent: Parent | None, start_ns: int, end_ns: int, attrs: dict[str, Any],
+        static: dict[str, Any] | None = None,
+    ) -> tuple[int, int]:  # fmt: skip
         """The new span's trace id and span id (made, as the SDK makes them, also when the sampler
-        drops it: the decision log names them)."""
+        drops it: the decision log names them). The span's attributes: `static`'s, then `attrs`'
+        (`static`: the same dict object for many spans, never changed)."""
         rule = self._rule
-        if type(parent) is _Remote:
-            if rule is not None:  # (the SDK's sampler, as it would decide: no context objects)
-                trace_id = parent.trace_id
+        if rule is not None:  # (the SDK's sampler, as it would decide: no context objects)
+            if type(parent) is _Remote:
+                trace_id, parent_id = parent.trace_id, parent.span_id
                 sampled = rule(bool(parent.flags & 1), trace_id)
+            elif type(parent) is Context and not parent:  # no caller's context: a root span
+                trace_id, parent_id = self.ids.generate_trace_id(), 0
+                sampled = rule(None, trace_id)
+            else:
+                trace_id = 0
+            if trace_id:
                 span_id = self.ids.generate_span_id()
                 if sampled:
                     self.processor.put(
-                        _FastSpan(name, trace_id, span_id, parent.span_id, True, "", start_ns, end_ns, attrs)
-                    )
+                        _FastSpan(
+                            name, trace_id, span_id, parent_id, parent_id != 0, "", start_ns, end_ns, attrs,
+                            static,
+                        )
+                    )  # fmt: skip
                 return trace_id, span_id
-        return self._record(name, _as_context(parent), start_ns, end_ns, attrs)
+        merged = {**static, **attrs} if static else attrs
+        return self._record(name, _as_context(parent), start_ns, end_ns, merged)
 
     def _record(
         self, name: str, parent: Context | None, start_ns: int, end_ns: int, attrs: dict[str, Any]
@@ -554,8 +592,24 @@ def _fast_otlp_exporter() -> SpanExporter | None:
     if not (hasattr(OTLPSpanExporter, "_translate_data") and hasattr(OTLPSpanExporter, "_export")):
         return None
 
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
     class _Batch(list):  # type: ignore[type-arg]
         request: Any = None
+
+    def _serialize(request: Any) -> bytes:
+        return request if type(request) is bytes else request.SerializeToString()
+
+    class _RawStub:
+        """TraceServiceStub's Export, sending a request encoded already as it is (not parsed
+        into a message to be serialized again: 2 µs a span in the export thread)."""
+
+        def __init__(self, channel: Any) -> None:
+            self.Export = channel.unary_unary(
+                "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                request_serializer=_serialize,
+                response_deserializer=ExportTraceServiceResponse.FromString,
+            )
 
     class FastOTLPSpanExporter(OTLPSpanExporter):
         def __init__(self) -> None:
@@ -563,6 +617,11 @@ def _fast_otlp_exporter() -> SpanExporter | None:
             self._keys: dict[str, bytes] = {}
             self._head: tuple[bytes, bytes, bytes, bytes] | None = None
             self.resource = Resource.create({})
+            # The exporter makes its client from `_stub` (and again when it reconnects).
+            self._raw = None not in (getattr(self, "_stub", None), getattr(self, "_channel", None))
+            if self._raw:
+                self._stub = _RawStub
+                self._client = _RawStub(self._channel)  # type: ignore[assignment]
 
         def _translate_data(self, data: Any) -> Any:
             if isinstance(data, _Batch):
@@ -574,7 +633,7 @@ def _fast_otlp_exporter() -> SpanExporter | None:
                 self._head = request_head(self.resource)
             batch = _Batch(spans)
             data = encode_request(self._head, spans, self._keys)
-            batch.request = ExportTraceServiceRequest.FromString(data)
+            batch.request = data if self._raw else ExportTraceServiceRequest.FromString(data)
             return self._export(batch)
 
     return FastOTLPSpanExporter()
@@ -925,7 +984,8 @@ class Telemetry:
         ctx: trace.SpanContext | None = None
         end_ns = time.time_ns()
         if self._tracing:
-            span_attrs: dict[str, Any] = {"authz.decision_id": decision_id, **static.span_attrs}
+            # The decision's own attributes (the same dict for a remembered decision), then these.
+            span_attrs: dict[str, Any] = {"authz.decision_id": decision_id}
             if attrs is not None:
                 span_attrs["http.request.method"] = method
                 span_attrs["rpc.system"] = "grpc" if attrs.is_grpc else "http"
@@ -942,9 +1002,15 @@ class Telemetry:
                 span_attrs["authz.candidate.agrees"] = not cand_differs
             name = EXPLAIN_SPAN_NAME if explain else SPAN_NAME
             if self._fast is not None and error is None:
-                tid, sid = self._fast.record(name, parent, start_ns, end_ns, span_attrs)
+                fast = self._fast
+                if remember:
+                    tid, sid = fast.record(name, parent, start_ns, end_ns, span_attrs, static.span_attrs)
+                else:
+                    merged = {**static.span_attrs, **span_attrs}
+                    tid, sid = fast.record(name, parent, start_ns, end_ns, merged)
                 ids = (format(tid, "032x"), format(sid, "016x"))
             else:
+                span_attrs = {**static.span_attrs, **span_attrs}
                 span = self.tracer.start_span(
                     name, context=_as_context(parent), kind=SpanKind.SERVER, start_time=start_ns,
                     attributes=span_attrs,

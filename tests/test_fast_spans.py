@@ -349,10 +349,11 @@ SAMPLERS = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["attributes", "static+attributes"])
 @pytest.mark.parametrize("headers", HEADERS.values(), ids=HEADERS.keys())
-@pytest.mark.parametrize("sampler", SAMPLERS.values(), ids=SAMPLERS.keys())
+@pytest.mark.parametrize("sampler", [*SAMPLERS.values(), Redacting()], ids=[*SAMPLERS.keys(), "custom"])
 def test_a_traceparent_read_without_contexts_samples_and_encodes_as_the_sdk(
-    sampler: Sampler, headers: dict[str, str]
+    sampler: Sampler, headers: dict[str, str], split: bool
 ) -> None:
     """Telemetry.parent reads a plain version-00 traceparent itself, and FastSpans decides for
     the SDK's samplers without asking them: the same sampling, ids and bytes as the SDK's tracer
@@ -370,14 +371,20 @@ def test_a_traceparent_read_without_contexts_samples_and_encodes_as_the_sdk(
         keep = Keep()
         sdk = TracerProvider(resource=RESOURCE, sampler=sampler, id_generator=FixedIds(seed))
         sdk.add_span_processor(SimpleSpanProcessor(keep))
+        static = {k: v for k, v in DECISION.items() if k.startswith("authz.") and k != "authz.decision_id"}
+        extra = {k: v for k, v in DECISION.items() if k not in static}
         span = sdk.get_tracer("stepup-sidecar", __version__).start_span(
             SPAN_NAME, context=build_propagator().extract(headers), kind=SpanKind.SERVER,
-            start_time=1_700_000_000_123_456_789, attributes=DECISION,
+            start_time=1_700_000_000_123_456_789, attributes={**static, **extra} if split else DECISION,
         )  # fmt: skip
         span.end(end_time=1_700_000_000_124_000_001)
         q = Queue()
         fast_spans = FastSpans(TracerProvider(resource=RESOURCE, sampler=sampler, id_generator=FixedIds(seed)), q)  # type: ignore[arg-type]
-        ids = fast_spans.record(SPAN_NAME, parent, 1_700_000_000_123_456_789, 1_700_000_000_124_000_001, dict(DECISION))
+        times = (1_700_000_000_123_456_789, 1_700_000_000_124_000_001)
+        if split:
+            ids = fast_spans.record(SPAN_NAME, parent, *times, dict(extra), static)
+        else:
+            ids = fast_spans.record(SPAN_NAME, parent, *times, dict(DECISION))
         ctx = span.get_span_context()
         assert ids == (ctx.trace_id, ctx.span_id)
         assert len(q.items) == len(keep.spans)
@@ -395,3 +402,65 @@ def test_the_sdks_samplers_are_decided_without_asking_them_and_any_other_is_aske
     assert _sampling_rule(Redacting()) is None
     assert _sampling_rule(ParentBased(Redacting())) is None
     assert _sampling_rule(ParentBased(ALWAYS_ON, remote_parent_sampled=Redacting())) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    static=st.dictionaries(st.text(min_size=1, max_size=20), values, max_size=12),
+    attrs=st.dictionaries(st.text(min_size=1, max_size=20), values, max_size=6),
+)
+def test_a_remembered_decisions_attributes_encoded_once_are_the_same_bytes(
+    static: dict[str, Any], attrs: dict[str, Any]
+) -> None:
+    """A span given a decision's own attributes as `static` (the same dict for every span of a
+    remembered decision) encodes them once: the bytes of the span with all its attributes."""
+    from sidecar import telemetry
+
+    attrs = {k: v for k, v in attrs.items() if k not in static}
+    whole = _FastSpan(SPAN_NAME, 1, 2, 3, True, "", 1, 2, {**static, **attrs}).encode({})
+    for _ in range(3):  # the first encodes the block, the others reuse it
+        assert _FastSpan(SPAN_NAME, 1, 2, 3, True, "", 1, 2, attrs, static).encode({}) == whole
+    copy = dict(static)  # another dict: its own block, never the other's
+    assert _FastSpan(SPAN_NAME, 1, 2, 3, True, "", 1, 2, {}, copy).encode({}) == _FastSpan(
+        SPAN_NAME, 1, 2, 3, True, "", 1, 2, static
+    ).encode({})
+    assert telemetry._BLOCKS[id(static)][0] is static
+
+
+def test_the_block_memo_is_bounded_and_checks_the_dict_it_holds() -> None:
+    from sidecar import telemetry
+
+    telemetry._BLOCKS.clear()
+    for i in range(telemetry._BLOCKS_MAX + 10):
+        _FastSpan(SPAN_NAME, 1, 2, 0, False, "", 1, 2, {}, {"authz.rule": f"r{i}"}).encode({})
+    assert len(telemetry._BLOCKS) <= telemetry._BLOCKS_MAX
+    st_ = {"authz.outcome": "allow"}
+    telemetry._BLOCKS[id(st_)] = ({"authz.outcome": "deny"}, b"wrong")  # another dict under its id
+    enc = _FastSpan(SPAN_NAME, 1, 2, 0, False, "", 1, 2, {}, st_).encode({})
+    assert enc == _FastSpan(SPAN_NAME, 1, 2, 0, False, "", 1, 2, dict(st_)).encode({}) and b"wrong" not in enc
+
+
+def test_the_otlp_exporter_sends_the_encoded_request_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast exporter's client sends the request bytes it is given (no parse and serialize
+    again), and a message as the stock stub would; reconnecting keeps that client."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from sidecar.telemetry import _fast_otlp_exporter
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    exp = _fast_otlp_exporter()
+    assert exp is not None and exp._raw  # type: ignore[attr-defined]
+    sent: list[Any] = []
+
+    class Channel:
+        def unary_unary(self, path: str, request_serializer: Any, response_deserializer: Any) -> Any:
+            assert path == "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+            return lambda request, **kw: sent.append(request_serializer(request))
+
+    client = exp._stub(Channel())  # type: ignore[attr-defined]
+    client.Export(request=b"\x0a\x00")
+    msg = ExportTraceServiceRequest()
+    msg.resource_spans.add()
+    client.Export(request=msg)
+    assert sent == [b"\x0a\x00", msg.SerializeToString()]
+    exp.shutdown()

@@ -449,6 +449,16 @@ def _key(keys: dict[str, bytes], k: str) -> bytes:
 def _encode_attrs(attrs: dict[str, Any], keys: dict[str, bytes], parts: list[bytes]) -> None:
     """Append the KeyValue fields of `attrs`, in order."""
     for k, v in attrs.items():
+        if type(v) is str and k not in _STABLE:  # (a decision id, a subject: short text, mostly)
+            vb = v.encode("utf-8", "replace")  # (as _any_value)
+            key = _key(keys, k)
+            n = len(vb)
+            kv_len = len(key) + n + 4  # key, then the AnyValue field: tag, length, tag, length, text
+            if kv_len < 0x80:  # every length fits one byte
+                parts.append(b"\x4a" + bytes((kv_len,)) + key + bytes((0x12, n + 2, 0x0A, n)) + vb)
+            else:
+                parts.append(_field(b"\x4a", key + _field(b"\x12", _field(b"\x0a", vb))))
+            continue
         if not _encodable(v):
             continue  # the SDK drops such an attribute too (None, a mapping, beyond int64)
         if k in _STABLE and type(v) in _SCALARS:
@@ -467,6 +477,7 @@ def _encode_attrs(attrs: dict[str, Any], keys: dict[str, bytes], parts: list[byt
 # id(a remembered decision's span attributes) -> (that dict, its KeyValue fields). Export threads.
 _BLOCKS: dict[int, tuple[dict[str, Any], bytes]] = {}
 _BLOCKS_MAX = 4096
+_NAMES: dict[str, bytes] = {}  # a span name -> its field
 
 
 class _FastSpan:
@@ -495,8 +506,13 @@ class _FastSpan:
             parts.append(_field(b"\x1a", self.trace_state.encode("utf-8", "replace")))
         if self.parent_id:
             parts += (b"\x22\x08", self.parent_id.to_bytes(8, "big"))
+        name = _NAMES.get(self.name)
+        if name is None:
+            name = _field(b"\x2a", self.name.encode())
+            if len(_NAMES) < 16:  # (our two span names)
+                _NAMES[self.name] = name
         parts += (
-            _field(b"\x2a", self.name.encode()),
+            name,
             b"\x30\x02",  # kind: SPAN_KIND_SERVER
             b"\x39", struct.pack("<Q", self.start),
             b"\x41", struct.pack("<Q", self.end),

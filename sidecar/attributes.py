@@ -53,6 +53,7 @@ def from_check_request(req: Any) -> RequestAttributes:
     header_problem = ""
     auth_values: list[str] = []
     headers: dict[str, str]
+    keys = ""  # the header names joined, when read from Envoy's map already lower-case
     if len(http.header_map.headers):
         # Repeated keys are collected, then joined once (as Envoy joins them): linear in the
         # number of values, however many times one key repeats.
@@ -78,6 +79,7 @@ def from_check_request(req: Any) -> RequestAttributes:
         headers = {k: hm[k] for k in hm}  # Envoy lower-cases these keys (2x faster than dict(hm))
         keys = "".join(headers)
         if keys != keys.lower():
+            keys = ""  # (the folded names, below)
             # Not from Envoy: fold case, joining repeats as Envoy would, keeping every credential.
             folded: dict[str, list[str]] = {}
             for k, v in headers.items():
@@ -89,7 +91,7 @@ def from_check_request(req: Any) -> RequestAttributes:
         elif "authorization" in headers:
             auth_values.append(headers["authorization"])
     joined = "".join(headers.values()).encode("utf-8", "surrogatepass")
-    names = "".join(headers).encode("utf-8", "surrogatepass")
+    names = (keys or "".join(headers)).encode("utf-8", "surrogatepass")
     # bytes.translate is a C loop: the common (clean) case costs well under a microsecond.
     if (
         len(joined) > MAX_HEADER_VALUE

@@ -196,7 +196,9 @@ class Engine:
                 cell.error = e
             cell.done = True
             ident = cell.ident
-            if ident is None or not any(ident == d.identity for d, _ in variants.values()):
+            if ident is None or not any(
+                ident is d.identity or ident == d.identity for d, _ in variants.values()
+            ):
                 self._drop(key)
                 variants = None
             else:

@@ -475,8 +475,10 @@ def _encode_attrs(attrs: dict[str, Any], keys: dict[str, bytes], parts: list[byt
 
 
 # id(a remembered decision's span attributes) -> (that dict, its KeyValue fields). Export threads.
+# At most 1024 of at most 2 KB each, with their dicts (whose strings the decisions share).
 _BLOCKS: dict[int, tuple[dict[str, Any], bytes]] = {}
-_BLOCKS_MAX = 4096
+_BLOCKS_MAX = 1024
+_BLOCK_BYTES = 2048
 _NAMES: dict[str, bytes] = {}  # a span name -> its field
 
 
@@ -524,9 +526,10 @@ class _FastSpan:
                 block: list[bytes] = []
                 _encode_attrs(static, keys, block)
                 hit = (static, b"".join(block))
-                if len(_BLOCKS) >= _BLOCKS_MAX:
-                    _BLOCKS.clear()
-                _BLOCKS[id(static)] = hit  # (holding the dict: its id is not reused meanwhile)
+                if len(hit[1]) <= _BLOCK_BYTES:  # (a long subject's is not kept: bounded memory)
+                    if len(_BLOCKS) >= _BLOCKS_MAX:
+                        _BLOCKS.clear()
+                    _BLOCKS[id(static)] = hit  # (holding the dict: its id is not reused meanwhile)
             parts.append(hit[1])
         _encode_attrs(self.attrs, keys, parts)
         # status: present and empty (UNSET), as the SDK writes it; flags: the parent is remote or not.
@@ -542,7 +545,10 @@ class FastSpans:
         self.sampler = provider.sampler
         self.ids = provider.id_generator
         self.processor = processor
-        self._rule = _sampling_rule(self.sampler)
+        try:
+            self._rule = _sampling_rule(self.sampler)
+        except AttributeError:  # an SDK whose samplers keep their settings elsewhere: ask them
+            self._rule = None
 
     def record(
         self, name: str, parent: Parent | None, start_ns: int, end_ns: int, attrs: dict[str, Any],
@@ -740,6 +746,15 @@ class _Tally:
         self.synced = 0
 
 
+def _histogram_parts(h: Any) -> bool:
+    """Whether `h` keeps one value per bucket and a sum as `Metrics.flush` adds to them."""
+    buckets, total = getattr(h, "_buckets", None), getattr(h, "_sum", None)
+    return (
+        isinstance(buckets, list) and len(buckets) == len(_LATENCY_BUCKETS) + 1
+        and all(hasattr(b, "inc") for b in buckets) and hasattr(total, "inc")
+    )  # fmt: skip
+
+
 class _FlushFirst:
     """Registered first in a Metrics registry: every collection (a scrape, `get_sample_value`)
     flushes the tallies before the counters are read, so a scrape is never behind."""
@@ -787,6 +802,9 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        # The flush adds to the histogram's own per-bucket values; a prometheus-client without
+        # them (as this one has them) gets each observation as it is made.
+        self._observe_direct = not _histogram_parts(self.latency)
         self.token_cache = Counter(
             "stepup_token_cache",
             "Bearer tokens found already verified (hit) or not (miss)",
@@ -858,6 +876,9 @@ class Metrics:
 
     def observe_latency(self, seconds: float) -> None:
         """As `latency.observe`: the first bucket whose bound is at least `seconds`."""
+        if self._observe_direct:
+            self.latency.observe(seconds)
+            return
         self.latency_counts[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
 
@@ -1026,7 +1047,8 @@ class Telemetry:
                     tid, sid = fast.record(name, parent, start_ns, end_ns, merged)
                 ids = (format(tid, "032x"), format(sid, "016x"))
             else:
-                span_attrs = {**static.span_attrs, **span_attrs}
+                # The decision id first, as ever: with a count limit the SDK drops the oldest.
+                span_attrs = {"authz.decision_id": decision_id, **static.span_attrs, **span_attrs}
                 span = self.tracer.start_span(
                     name, context=_as_context(parent), kind=SpanKind.SERVER, start_time=start_ns,
                     attributes=span_attrs,

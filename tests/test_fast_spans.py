@@ -464,3 +464,42 @@ def test_the_otlp_exporter_sends_the_encoded_request_as_it_is(monkeypatch: pytes
     client.Export(request=msg)
     assert sent == [b"\x0a\x00", msg.SerializeToString()]
     exp.shutdown()
+
+
+def test_a_long_block_is_encoded_but_not_kept() -> None:
+    from sidecar import telemetry
+
+    telemetry._BLOCKS.clear()
+    big = {"authz.subject": "s" * 3000, "authz.outcome": "allow"}
+    enc = _FastSpan(SPAN_NAME, 1, 2, 0, False, "", 1, 2, {"authz.decision_id": "d"}, big).encode({})
+    assert enc == _FastSpan(SPAN_NAME, 1, 2, 0, False, "", 1, 2, {**big, "authz.decision_id": "d"}).encode({})
+    assert id(big) not in telemetry._BLOCKS
+
+
+def test_a_sampler_whose_settings_are_not_where_they_were_is_asked() -> None:
+    from opentelemetry.sdk.trace.sampling import Decision as SD
+    from opentelemetry.sdk.trace.sampling import StaticSampler
+
+    s = StaticSampler(SD.RECORD_AND_SAMPLE)
+    del s._decision  # type: ignore[attr-defined]
+    fast = FastSpans(TracerProvider(resource=RESOURCE, sampler=s), Queue())  # type: ignore[arg-type]
+    assert fast._rule is None
+
+
+def test_a_span_the_sdk_makes_names_the_decision_id_first() -> None:
+    """With a span count limit the SDK drops the oldest attributes: the decision id goes first."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from sidecar.decision import Decision, Outcome
+    from sidecar.telemetry import Telemetry
+
+    mem = InMemorySpanExporter()
+    provider = TracerProvider(resource=RESOURCE)
+    provider.add_span_processor(SimpleSpanProcessor(mem))
+    tel = Telemetry(provider, decision_log=None)
+    d = Decision(Outcome.DENY, "internal_error", 403, "x", sensitivity="high")
+    tel.record(decision=d, attrs=None, decision_id="0123456789abcdef", policy_version="p@1", start_ns=1,
+               parent=None, error=KeyError("k"))  # fmt: skip
+    (span,) = mem.get_finished_spans()
+    assert next(iter(span.attributes)) == "authz.decision_id"
+    assert span.attributes["authz.outcome"] == "deny"

@@ -452,3 +452,20 @@ def test_decision_counts_are_in_the_registry_at_once_and_counted_once_however_of
                explain=True)  # fmt: skip
     assert reg.get_sample_value("stepup_explains_total") == 1
     assert reg.get_sample_value("stepup_decisions_total", {"outcome": "allow", "reason": "allowed"}) == 3
+
+
+def test_a_prometheus_client_without_the_histograms_parts_gets_each_observation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sidecar import telemetry
+
+    assert telemetry._histogram_parts(Metrics().latency) and not telemetry._histogram_parts(object())
+    monkeypatch.setattr(telemetry, "_histogram_parts", lambda h: False)
+    m = Metrics()
+    for x in (0.00005, 0.0003, 9.0):
+        m.observe_latency(x)
+    assert m.latency_counts == [0] * len(m.latency_counts)  # nothing left to flush
+    reg = m.registry
+    assert reg.get_sample_value("stepup_check_duration_seconds_count") == 3
+    assert reg.get_sample_value("stepup_check_duration_seconds_bucket", {"le": "0.0001"}) == 1
+    assert reg.get_sample_value("stepup_check_duration_seconds_bucket", {"le": "0.5"}) == 2

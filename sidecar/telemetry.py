@@ -479,7 +479,12 @@ def _encode_attrs(attrs: dict[str, Any], keys: dict[str, bytes], parts: list[byt
 _BLOCKS: dict[int, tuple[dict[str, Any], bytes]] = {}
 _BLOCKS_MAX = 1024
 _BLOCK_BYTES = 2048
-_NAMES: dict[str, bytes] = {}  # a span name -> its field
+_NAMES: dict[str, bytes] = {}  # a span name -> its field and the kind's
+_IDS = struct.Struct(">HQQHQ")  # tag, trace id (two halves), tag, span id
+_PARENT = struct.Struct(">HQ")
+_TIMES = struct.Struct("<BQBQ")
+_TAIL_REMOTE = b"\x7a\x00\x85\x01" + struct.pack("<I", 0x300)
+_TAIL_LOCAL = b"\x7a\x00\x85\x01" + struct.pack("<I", 0x100)
 
 
 class _FastSpan:
@@ -502,23 +507,21 @@ class _FastSpan:
 
     def encode(self, keys: dict[str, bytes]) -> bytes:
         """The Span message, field by field as opentelemetry-proto numbers them."""
-        parts = [b"\x0a\x10", self.trace_id.to_bytes(16, "big"), b"\x12\x08"]
-        parts.append(self.span_id.to_bytes(8, "big"))
+        tid = self.trace_id
+        if not 0 <= tid < 1 << 128:
+            raise ValueError("a trace id is 128 bits")
+        # trace_id (1) and span_id (2): bytes, big-endian as the ids read.
+        parts = [_IDS.pack(0x0A10, tid >> 64, tid & 0xFFFFFFFFFFFFFFFF, 0x1208, self.span_id)]
         if self.trace_state:
             parts.append(_field(b"\x1a", self.trace_state.encode("utf-8", "replace")))
         if self.parent_id:
-            parts += (b"\x22\x08", self.parent_id.to_bytes(8, "big"))
+            parts.append(_PARENT.pack(0x2208, self.parent_id))
         name = _NAMES.get(self.name)
         if name is None:
-            name = _field(b"\x2a", self.name.encode())
+            name = _field(b"\x2a", self.name.encode()) + b"\x30\x02"  # and kind: SPAN_KIND_SERVER
             if len(_NAMES) < 16:  # (our two span names)
                 _NAMES[self.name] = name
-        parts += (
-            name,
-            b"\x30\x02",  # kind: SPAN_KIND_SERVER
-            b"\x39", struct.pack("<Q", self.start),
-            b"\x41", struct.pack("<Q", self.end),
-        )  # fmt: skip
+        parts += (name, _TIMES.pack(0x39, self.start, 0x41, self.end))  # fixed64 start and end
         static = self.static
         if static is not None:
             hit = _BLOCKS.get(id(static))
@@ -533,7 +536,7 @@ class _FastSpan:
             parts.append(hit[1])
         _encode_attrs(self.attrs, keys, parts)
         # status: present and empty (UNSET), as the SDK writes it; flags: the parent is remote or not.
-        parts += (b"\x7a\x00", b"\x85\x01", struct.pack("<I", 0x300 if self.remote else 0x100))
+        parts.append(_TAIL_REMOTE if self.remote else _TAIL_LOCAL)
         return b"".join(parts)
 
 

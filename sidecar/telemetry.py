@@ -105,21 +105,26 @@ class _DefaultPropagator(CompositePropagator):
 
 
 _HEX = frozenset("0123456789abcdef")
-_TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+_TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 
 
+def _plain_traceparent(value: str) -> tuple[str, str, str] | None:
+    """The common W3C case, version 00 and well-formed: its trace id, span id and flags as the
+    header's own hex; None = anything else (let OpenTelemetry read it)."""
+    m = _TRACEPARENT_00.fullmatch(value)
+    if m is None or m[1] == _ZERO_TRACE or m[2] == _ZERO_SPAN:
+        return None
+    return m[1], m[2], m[3]
+
+
 def _parse_traceparent(value: str) -> trace.SpanContext | None:
-    """The common W3C case (version 00, well-formed) without the regex; None = let OTel decide."""
-    if len(value) != 55 or value[:3] != "00-" or value[35] != "-" or value[52] != "-":
+    plain = _plain_traceparent(value)
+    if plain is None:
         return None
-    tid, sid, flags = value[3:35], value[36:52], value[53:55]
-    if not _HEX.issuperset(tid) or not _HEX.issuperset(sid) or not _HEX.issuperset(flags):
-        return None
-    trace_id, span_id = int(tid, 16), int(sid, 16)
-    if trace_id == 0 or span_id == 0:
-        return None
-    return trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(int(flags, 16)))
+    tid, sid, flags = plain
+    trace_flags = trace.TraceFlags(int(flags, 16))
+    return trace.SpanContext(int(tid, 16), int(sid, 16), is_remote=True, trace_flags=trace_flags)
 
 
 class _Remote:
@@ -780,7 +785,6 @@ class Metrics:
         # flushed into prometheus on every collection and every half second (workers: their
         # scrape is the supervisor's, of the files the flush writes).
         self._flush_lock = threading.Lock()
-        self._tallies: list[_Tally] = []
         self._tally_of: dict[tuple[int, tuple[str, ...]], _Tally] = {}
         self.latency_counts = [0] * (len(_LATENCY_BUCKETS) + 1)  # the last: above every bound
         self.latency_sum = 0.0
@@ -874,7 +878,6 @@ class Metrics:
         t = self._tally_of.get(key)
         if t is None:
             t = self._tally_of[key] = _Tally(metric.labels(*labels) if labels else metric)
-            self._tallies.append(t)
         return t
 
     def observe_latency(self, seconds: float) -> None:
@@ -890,7 +893,7 @@ class Metrics:
         prometheus metrics (from the loop's half-second task and from a scrape's thread: one at
         a time; the hot path only ever adds to the tallies)."""
         with self._flush_lock:
-            for t in self._tallies:
+            for t in list(self._tally_of.values()):  # (a copy: the loop thread may add one)
                 n = t.n
                 if n != t.synced:
                     t.child.inc(n - t.synced)
@@ -957,7 +960,6 @@ class Telemetry:
         self._w3c_first = type(self.propagator) is _DefaultPropagator
         self.decision_log = decision_log
         self.metrics = metrics or Metrics()
-        self._counters: dict[tuple[str, str], Any] = {}
         self._by_sensitivity: dict[tuple[str, str], Any] = {}
         self._explains = self.metrics.tally(self.metrics.explains)
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -977,12 +979,9 @@ class Telemetry:
         plain version-00 traceparent (no tracestate), the same read without its objects."""
         if self._w3c_first and "tracestate" not in carrier:
             tp = carrier.get("traceparent")
-            if tp is not None:
-                m = _TRACEPARENT_00.fullmatch(tp)
-                if m is not None:
-                    trace_id, span_id = int(m[1], 16), int(m[2], 16)
-                    if trace_id and span_id:
-                        return _Remote(trace_id, span_id, int(tp[53:55], 16))
+            plain = _plain_traceparent(tp) if tp is not None else None
+            if plain is not None:
+                return _Remote(int(plain[0], 16), int(plain[1], 16), int(plain[2], 16))
         return self.propagator.extract(carrier)
 
     def record(
@@ -1093,9 +1092,7 @@ class Telemetry:
         fields = decision_fields(decision, "", policy_version)
         del fields["decision_id"]
         key = (decision.outcome.value, decision.reason)
-        by_reason = self._counters.get(key)
-        if by_reason is None:
-            by_reason = self._counters[key] = self.metrics.tally(self.metrics.decisions, *key)
+        by_reason = self.metrics.tally(self.metrics.decisions, *key)  # (reasons: a fixed registry)
         key = (decision.sensitivity or "none", decision.outcome.value)
         by_sensitivity = self._by_sensitivity.get(key)
         if by_sensitivity is None:
@@ -1317,12 +1314,9 @@ def trace_ids(headers: Mapping[str, str]) -> tuple[str, str]:
     the decision log when nothing is traced; ("", "") when there are none or they are malformed."""
     tp = headers.get("traceparent")
     if tp is not None:
-        # The common case, version 00 and well-formed: the ids are the header's own hex.
-        m = _TRACEPARENT_00.fullmatch(tp)
-        if m is not None:
-            tid, sid = m.groups()
-            if tid != _ZERO_TRACE and sid != _ZERO_SPAN:
-                return tid, sid
+        plain = _plain_traceparent(tp)  # (the common case: the ids are the header's own hex)
+        if plain is not None:
+            return plain[0], plain[1]
         # Anything else as OpenTelemetry reads it (the traced path's reading): a later version
         # with more fields, surrounding blanks; version ff, 00 with more fields, upper case: none.
         sc = trace.get_current_span(_DefaultPropagator._W3C.extract({"traceparent": tp})).get_span_context()

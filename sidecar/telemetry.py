@@ -1323,13 +1323,13 @@ def trace_ids(headers: Mapping[str, str]) -> tuple[str, str]:
         return (format(sc.trace_id, "032x"), format(sc.span_id, "016x")) if sc.is_valid else ("", "")
     b3 = headers.get("b3")
     if b3 is not None:
-        parts = b3.split("-")
+        parts = b3.lower().split("-")  # (B3 hex is read in either case, as OpenTelemetry reads it)
         if len(parts) >= 2 and len(parts[0]) in (16, 32) and len(parts[1]) == 16:
             tid, sid = parts[0].rjust(32, "0"), parts[1]
             if _HEX.issuperset(tid) and _HEX.issuperset(sid) and int(tid, 16) and int(sid, 16):
                 return tid, sid
         return "", ""
-    tid, sid = headers.get("x-b3-traceid", ""), headers.get("x-b3-spanid", "")
+    tid, sid = headers.get("x-b3-traceid", "").lower(), headers.get("x-b3-spanid", "").lower()
     if len(tid) in (16, 32) and len(sid) == 16:
         tid = tid.rjust(32, "0")
         if _HEX.issuperset(tid) and _HEX.issuperset(sid) and int(tid, 16) and int(sid, 16):

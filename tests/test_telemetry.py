@@ -469,3 +469,24 @@ def test_a_prometheus_client_without_the_histograms_parts_gets_each_observation(
     assert reg.get_sample_value("stepup_check_duration_seconds_count") == 3
     assert reg.get_sample_value("stepup_check_duration_seconds_bucket", {"le": "0.0001"}) == 1
     assert reg.get_sample_value("stepup_check_duration_seconds_bucket", {"le": "0.5"}) == 2
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"b3": "4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-1"},
+        {"b3": "A3ce929d0E0e4736-00F067AA0ba902b7"},
+        {"x-b3-traceid": "4Bf92f3577B34dA6A3cE929d0E0E4736", "x-b3-spanid": "00f067aa0bA902B7"},
+        {"x-b3-traceid": "a3ce929D0e0e4736", "x-b3-spanid": "00f067aA0BA902b7", "x-b3-sampled": "1"},
+        {"x-b3-traceid": "0" * 32, "x-b3-spanid": "00F067AA0BA902B7"},
+    ],
+)
+def test_the_untraced_log_reads_b3_in_either_case_as_the_traced_path_does(headers: dict[str, str]) -> None:
+    """(Red-team helper-17: an upper-case B3 header named the caller's ids only when traced.)"""
+    from opentelemetry import trace as _trace
+
+    from sidecar.telemetry import build_propagator
+
+    sc = _trace.get_current_span(build_propagator().extract(headers)).get_span_context()
+    expected = (format(sc.trace_id, "032x"), format(sc.span_id, "016x")) if sc.is_valid else ("", "")
+    assert trace_ids(headers) == expected

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sidecar.attributes as A
 from sidecar.attributes import JWT_AUTHN_NAMESPACE, RequestAttributes, from_check_request
 from tests.helpers import check_request
 
@@ -53,3 +57,75 @@ def test_the_problems_are_read_into_their_own_fields() -> None:
     assert a.bearer == "" and a.auth_problem == "ambiguous_credentials"
     assert a.header_problem == "header 'x-bad' has control characters"
     assert a.is_grpc is False and a.method_override is False and a.jwt_authn_bytes == 0
+
+
+# --- the Authorization value memo (`_CREDENTIALS`): the same attributes as a first reading --------
+
+_CHARS = st.sampled_from(["a", "Z", "0", ".", "-", "_", "~", "+", "/", "=", " ", ",", "\t", "\x01", "\x7f", "é", "\n"])
+_VALUES = st.one_of(
+    st.text(_CHARS, max_size=24).map(lambda t: "Bearer " + t),
+    st.text(_CHARS, max_size=24),
+    st.just("Bearer " + "a" * (A.MAX_HEADER_VALUE + 1)),  # too large: never left out of the scan
+    st.just("Bearer " + "a" * (A._CREDENTIAL_CHARS + 1)),  # too long to be remembered
+)
+
+
+def _form(auth: list[str], other: dict[str, str], form: str) -> object:
+    if form == "map":
+        pairs = [("authorization", v.encode()) for v in auth] + [(k, v.encode()) for k, v in other.items()]
+        return check_request(header_map=pairs)
+    if form == "mixed-case":
+        headers = {("Authorization" if i == 0 else "AUTHORIZATION"): v for i, v in enumerate(auth[:2])}
+        return check_request(headers={**headers, **other})
+    return check_request(headers={**({"authorization": auth[0]} if auth else {}), **other})
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    auth=st.lists(_VALUES, max_size=2),
+    other=st.dictionaries(st.sampled_from(["x-a", "x-b", "x bad", "x-device-id"]), st.text(_CHARS, max_size=8), max_size=3),
+    form=st.sampled_from(["plain", "map", "mixed-case"]),
+)
+def test_a_remembered_credential_reads_as_a_first_reading(auth: list[str], other: dict[str, str], form: str) -> None:
+    req = _form(auth, other, form)
+    A._CREDENTIALS.clear()
+    first = from_check_request(req)  # (fills the memo)
+    again = from_check_request(req)  # (reads from it)
+    A._CREDENTIALS.clear()
+    saved, A._CREDENTIALS_MAX = A._CREDENTIALS_MAX, 0  # nothing remembered: every reading is a first
+    try:
+        A._CREDENTIALS.clear()
+        plain = from_check_request(req)
+    finally:
+        A._CREDENTIALS_MAX = saved
+        A._CREDENTIALS.clear()
+    assert first == plain and again == plain
+
+
+def test_a_credential_with_control_characters_is_reported_when_remembered() -> None:
+    A._CREDENTIALS.clear()
+    req = check_request(headers={"authorization": "Bearer abc\x01def"})
+    for _ in range(2):
+        a = from_check_request(req)
+        assert a.header_problem == "header 'authorization' has control characters"
+        assert a.bearer == "" and a.auth_problem == "malformed_token"
+    # too large: reported whether or not it is remembered
+    req = check_request(headers={"authorization": "Bearer " + "a" * A.MAX_HEADER_VALUE})
+    for _ in range(2):
+        assert from_check_request(req).header_problem == "header 'authorization' is too large"
+    # and a clean one beside a dirty other header: the other is still found
+    req = check_request(headers={"authorization": "Bearer abc.def", "x-bad": "a\x00"})
+    for _ in range(2):
+        a = from_check_request(req)
+        assert a.header_problem == "header 'x-bad' has control characters" and a.bearer == "abc.def"
+
+
+def test_the_credential_memo_is_bounded() -> None:
+    A._CREDENTIALS.clear()
+    for i in range(A._CREDENTIALS_MAX * 2 + 7):
+        from_check_request(check_request(token=f"tok{i}"))
+        assert len(A._CREDENTIALS) <= A._CREDENTIALS_MAX
+    long = "a" * A._CREDENTIAL_CHARS
+    from_check_request(check_request(token=long))
+    assert "Bearer " + long not in A._CREDENTIALS  # longer than _CREDENTIAL_CHARS: not kept
+    A._CREDENTIALS.clear()

@@ -1,0 +1,134 @@
+"""Instructions per Check, counted by valgrind's cachegrind: a figure that does not move with the
+machine's noise (on a shared 2-core VM, two alternating h2load rounds of the same code differ by
+up to 20%; these counts differ by ~1%), for judging a change to the hot path before the
+throughput runs.
+
+The allowed, cached Check of `make bench` (the example policy, a valid token, a traceparent, an
+h2load-like set of headers) is run in-process through the servicer (attributes, decision,
+response, decision log to /dev/null, metrics), N times after a warm-up, under cachegrind, for two
+values of N; the difference divided by the difference in N is the per-Check figure, free of the
+start-up's. Baseline in the same run: what any server does with the same bytes (parse the
+CheckRequest, return a constant answer). Also the I1 and D1 cache misses a Check makes in
+cachegrind's simulated caches (a proxy for how much of the caches it sweeps).
+
+    python bench/instructions.py [--root DIR ...]   # DIR: another checkout to count too
+
+valgrind (Debian package) is installed when missing. Not part of `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COUNTS = (600, 1600)
+WARM = 500
+EVENTS = ("I refs", "I1 misses", "D1 misses")
+
+
+def child(mode: str, n: int) -> None:
+    """Runs under valgrind: WARM + n Checks of one kind."""
+    sys.path.insert(0, os.getcwd())
+    import time
+
+    from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2
+    from sidecar.compiler import load_policy
+    from sidecar.runtime import Runtime
+    from sidecar.server import AuthorizationServicer
+    from sidecar.telemetry import LineWriter, Metrics, Telemetry
+    from tests.helpers import ACR_PHR, EXAMPLE_POLICY, check_request, make_token
+
+    now = time.time()
+    token = make_token(now=now, acr=ACR_PHR, exp=int(now) + 7200)
+    headers = {
+        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "user-agent": "grpc-go/1.70",
+        "x-request-id": "a3f1c6c2-1b1e-4c55-9d6e-3f5c2a8c9e11",
+        "x-forwarded-proto": "http",
+        "te": "trailers",
+    }
+    data = check_request("/bank.v1.Payments/Transfer", token=token, headers=headers).SerializeToString()
+    if mode == "bare":
+        ok = b""
+
+        def one() -> object:
+            external_auth_pb2.CheckRequest.FromString(data)
+            return ok
+
+    else:
+        telemetry = Telemetry(None, decision_log=LineWriter(os.open(os.devnull, os.O_WRONLY)), metrics=Metrics())
+        servicer = AuthorizationServicer(Runtime(load_policy(EXAMPLE_POLICY), telemetry))
+
+        def one() -> object:
+            coro = servicer.check_bytes(data, None)
+            try:
+                coro.send(None)
+            except StopIteration as stop:
+                return stop.value
+            raise AssertionError("check_bytes awaited something")
+
+        answer = external_auth_pb2.CheckResponse.FromString(one())  # type: ignore[arg-type]
+        assert answer.status.code == 0, answer  # an allowed call, as in make bench
+    for _ in range(WARM + n):
+        one()
+    os._exit(0)  # (no interpreter teardown in the count)
+
+
+def count(root: Path, mode: str) -> dict[str, float]:
+    totals = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in COUNTS:
+            out = Path(tmp) / f"{n}.txt"
+            subprocess.run(
+                ["valgrind", "--tool=cachegrind", "--cache-sim=yes", "--cachegrind-out-file=/dev/null",
+                 f"--log-file={out}", sys.executable, str(Path(__file__).resolve()), "--child", mode, str(n)],
+                cwd=root, check=True, env={**os.environ, "PYTHONHASHSEED": "0"},
+            )  # fmt: skip
+            got: dict[str, int] = {}
+            for line in out.read_text().splitlines():
+                m = re.match(r"==\d+== (I|I1|D1)\s+(refs|misses):\s+([\d,]+)", line)
+                if m:
+                    got[f"{m[1]} {m[2]}"] = int(m[3].replace(",", ""))
+            totals.append(got)
+    span = COUNTS[1] - COUNTS[0]
+    return {e: (totals[1][e] - totals[0][e]) / span for e in EVENTS}
+
+
+def ensure_valgrind() -> None:
+    if shutil.which("valgrind"):
+        return
+    print("installing valgrind (Debian) ...", file=sys.stderr)
+    subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "valgrind"], check=True, capture_output=True)
+
+
+def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child(sys.argv[2], int(sys.argv[3]))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", action="append", default=[], help="another checkout to count too")
+    args = ap.parse_args()
+    ensure_valgrind()
+    bare = count(ROOT, "bare")
+    print(f"per Check, cachegrind, {COUNTS[1] - COUNTS[0]} Checks counted")
+    print(f"{'':34} {'instructions':>12} {'I1 misses':>10} {'D1 misses':>10}")
+    print(f"{'baseline: parse, constant answer':34} {bare['I refs']:12,.0f} {bare['I1 misses']:10,.0f} {bare['D1 misses']:10,.0f}")
+    for root in [ROOT, *map(Path, args.root)]:
+        c = count(root, "sidecar")
+        label = str(root) if root != ROOT else "sidecar (this checkout)"
+        added = c["I refs"] - bare["I refs"]
+        print(f"{label[-34:]:34} {c['I refs']:12,.0f} {c['I1 misses']:10,.0f} {c['D1 misses']:10,.0f}"
+              f"   ({added:,.0f} beyond the baseline, {c['I refs'] / bare['I refs']:.1f}x)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

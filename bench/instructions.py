@@ -19,6 +19,7 @@ valgrind (Debian package) is installed when missing. Not part of `make test`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -42,7 +43,7 @@ def child(mode: str, n: int) -> None:
     from sidecar.compiler import load_policy
     from sidecar.runtime import Runtime
     from sidecar.server import AuthorizationServicer
-    from sidecar.telemetry import LineWriter, Metrics, Telemetry
+    from sidecar.telemetry import LineWriter, Metrics, Telemetry, tracer_provider_from_env
     from tests.helpers import ACR_PHR, EXAMPLE_POLICY, check_request, make_token
 
     now = time.time()
@@ -63,7 +64,11 @@ def child(mode: str, n: int) -> None:
             return ok
 
     else:
-        telemetry = Telemetry(None, decision_log=LineWriter(os.open(os.devnull, os.O_WRONLY)), metrics=Metrics())
+        metrics = Metrics()
+        provider = tracer_provider_from_env(metrics) if mode == "traced" else None
+        assert (provider is not None) == (mode == "traced")
+        log = LineWriter(os.open(os.devnull, os.O_WRONLY))
+        telemetry = Telemetry(provider, decision_log=log, metrics=metrics)
         servicer = AuthorizationServicer(Runtime(load_policy(EXAMPLE_POLICY), telemetry))
 
         def one() -> object:
@@ -78,10 +83,13 @@ def child(mode: str, n: int) -> None:
         assert answer.status.code == 0, answer  # an allowed call, as in make bench
     for _ in range(WARM + n):
         one()
+    if mode == "traced":  # every span exported (and counted) before the end
+        assert provider is not None and provider.force_flush(60_000)
+        assert not metrics.registry.get_sample_value("stepup_spans_dropped_total")
     os._exit(0)  # (no interpreter teardown in the count)
 
 
-def count(root: Path, mode: str) -> dict[str, float]:
+def count(root: Path, mode: str, env: dict[str, str] | None = None) -> dict[str, float]:
     totals = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in COUNTS:
@@ -89,7 +97,7 @@ def count(root: Path, mode: str) -> dict[str, float]:
             subprocess.run(
                 ["valgrind", "--tool=cachegrind", "--cache-sim=yes", "--cachegrind-out-file=/dev/null",
                  f"--log-file={out}", sys.executable, str(Path(__file__).resolve()), "--child", mode, str(n)],
-                cwd=root, check=True, env={**os.environ, "PYTHONHASHSEED": "0"},
+                cwd=root, check=True, env={**os.environ, "PYTHONHASHSEED": "0", **(env or {})},
             )  # fmt: skip
             got: dict[str, int] = {}
             for line in out.read_text().splitlines():
@@ -121,12 +129,27 @@ def main() -> int:
     print(f"per Check, cachegrind, {COUNTS[1] - COUNTS[0]} Checks counted")
     print(f"{'':34} {'instructions':>12} {'I1 misses':>10} {'D1 misses':>10}")
     print(f"{'baseline: parse, constant answer':34} {bare['I refs']:12,.0f} {bare['I1 misses']:10,.0f} {bare['D1 misses']:10,.0f}")
-    for root in [ROOT, *map(Path, args.root)]:
-        c = count(root, "sidecar")
-        label = str(root) if root != ROOT else "sidecar (this checkout)"
-        added = c["I refs"] - bare["I refs"]
-        print(f"{label[-34:]:34} {c['I refs']:12,.0f} {c['I1 misses']:10,.0f} {c['D1 misses']:10,.0f}"
-              f"   ({added:,.0f} beyond the baseline, {c['I refs'] / bare['I refs']:.1f}x)")  # fmt: skip
+    rx = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "otlp_receiver.py")], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert rx.stdout is not None
+        port = json.loads(rx.stdout.readline())["grpc_port"]
+        traced = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                  "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_TRACES_SAMPLER": "always_on"}  # fmt: skip
+        for root in [ROOT, *map(Path, args.root)]:
+            name = str(root)[-22:] if root != ROOT else "sidecar"
+            for mode, label, env in (("sidecar", name, None), ("traced", f"{name}, traced", traced)):
+                c = count(root, mode, env)
+                added = c["I refs"] - bare["I refs"]
+                print(f"{label:34} {c['I refs']:12,.0f} {c['I1 misses']:10,.0f} {c['D1 misses']:10,.0f}"
+                      f"   ({added:,.0f} beyond the baseline)")  # fmt: skip
+    finally:
+        rx.terminate()
+        rx.wait(10)
+    print("(traced: every decision sampled and exported over OTLP/gRPC to a live receiver, the")
+    print(" export thread's work included; sidecar: this checkout)")
     return 0
 
 

@@ -23,8 +23,8 @@ _PATHS: dict[str, tuple[str, str]] = {}
 _PATHS_MAX = 4096
 _PATH_CHARS = 256
 # a lone Authorization value -> _credential(value): a pure function, and a client sends the same
-# token on every call until it expires. Bounded (at most ~5 MB with the token kept beside, whoever
-# sends the values); emptied when full.
+# token on every call until it expires. Bounded (ASCII values only, a byte a character: at most
+# ~5 MB with the token kept beside, whoever sends the values); emptied when full.
 _CREDENTIALS: dict[str, tuple[str, str, bool]] = {}
 _CREDENTIALS_MAX = 512
 _CREDENTIAL_CHARS = 4096
@@ -103,7 +103,7 @@ def from_check_request(req: Any) -> RequestAttributes:
         cred = _CREDENTIALS.get(value)
         if cred is None:
             cred = _credential(value)
-            if len(value) <= _CREDENTIAL_CHARS:
+            if len(value) <= _CREDENTIAL_CHARS and value.isascii():  # (isascii: a flag, O(1))
                 if len(_CREDENTIALS) >= _CREDENTIALS_MAX:
                     _CREDENTIALS.clear()
                 _CREDENTIALS[value] = cred

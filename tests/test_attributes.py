@@ -128,4 +128,7 @@ def test_the_credential_memo_is_bounded() -> None:
     long = "a" * A._CREDENTIAL_CHARS
     from_check_request(check_request(token=long))
     assert "Bearer " + long not in A._CREDENTIALS  # longer than _CREDENTIAL_CHARS: not kept
+    wide = "Bearer " + "\U0001f600" * 100  # (4 bytes a character: a memo of those would be 4x the size)
+    a = from_check_request(check_request(headers={"authorization": wide}))
+    assert wide not in A._CREDENTIALS and a.auth_problem == "malformed_token"  # only ASCII values are kept
     A._CREDENTIALS.clear()

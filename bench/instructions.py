@@ -3,8 +3,7 @@ machine's noise (on a shared 2-core VM, two alternating h2load rounds of the sam
 up to 20%; these counts differ by ~1%), for judging a change to the hot path before the
 throughput runs.
 
-The allowed, cached Check of `make bench` (the example policy, a valid token, a traceparent, an
-h2load-like set of headers) is run in-process through the servicer (attributes, decision,
+The allowed, cached Check of `make bench` (its very request: `run.check_body`) is run in-process through the servicer (attributes, decision,
 response, decision log to /dev/null, metrics), N times after a warm-up, under cachegrind, for two
 values of N; the difference divided by the difference in N is the per-Check figure, free of the
 start-up's. Baseline in the same run: what any server does with the same bytes (parse the
@@ -22,7 +21,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,28 +32,18 @@ WARM = 500
 EVENTS = ("I refs", "I1 misses", "D1 misses")
 
 
-def child(mode: str, n: int) -> None:
-    """Runs under valgrind: WARM + n Checks of one kind."""
+def child(mode: str, n: int, body: str) -> None:
+    """Runs under valgrind, in the checkout measured: WARM + n Checks of one kind, of the request
+    in `body` (`make bench`'s h2load body: a gRPC frame)."""
     sys.path.insert(0, os.getcwd())
-    import time
-
     from sidecar._proto.envoy.service.auth.v3 import external_auth_pb2
     from sidecar.compiler import load_policy
     from sidecar.runtime import Runtime
     from sidecar.server import AuthorizationServicer
     from sidecar.telemetry import LineWriter, Metrics, Telemetry, tracer_provider_from_env
-    from tests.helpers import ACR_PHR, EXAMPLE_POLICY, check_request, make_token
+    from tests.helpers import EXAMPLE_POLICY
 
-    now = time.time()
-    token = make_token(now=now, acr=ACR_PHR, exp=int(now) + 7200)
-    headers = {
-        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        "user-agent": "grpc-go/1.70",
-        "x-request-id": "a3f1c6c2-1b1e-4c55-9d6e-3f5c2a8c9e11",
-        "x-forwarded-proto": "http",
-        "te": "trailers",
-    }
-    data = check_request("/bank.v1.Payments/Transfer", token=token, headers=headers).SerializeToString()
+    data = Path(body).read_bytes()[5:]  # (after the frame's flag and length)
     if mode == "bare":
         ok = b""
 
@@ -89,14 +77,14 @@ def child(mode: str, n: int) -> None:
     os._exit(0)  # (no interpreter teardown in the count)
 
 
-def count(root: Path, mode: str, env: dict[str, str] | None = None) -> dict[str, float]:
+def count(root: Path, mode: str, body: Path, env: dict[str, str] | None = None) -> dict[str, float]:
     totals = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in COUNTS:
             out = Path(tmp) / f"{n}.txt"
             subprocess.run(
                 ["valgrind", "--tool=cachegrind", "--cache-sim=yes", "--cachegrind-out-file=/dev/null",
-                 f"--log-file={out}", sys.executable, str(Path(__file__).resolve()), "--child", mode, str(n)],
+                 f"--log-file={out}", sys.executable, str(Path(__file__).resolve()), "--child", mode, str(n), str(body)],
                 cwd=root, check=True, env={**os.environ, "PYTHONHASHSEED": "0", **(env or {})},
             )  # fmt: skip
             got: dict[str, int] = {}
@@ -109,23 +97,18 @@ def count(root: Path, mode: str, env: dict[str, str] | None = None) -> dict[str,
     return {e: (totals[1][e] - totals[0][e]) / span for e in EVENTS}
 
 
-def ensure_valgrind() -> None:
-    if shutil.which("valgrind"):
-        return
-    print("installing valgrind (Debian) ...", file=sys.stderr)
-    subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "valgrind"], check=True, capture_output=True)
-
-
 def main() -> int:
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        child(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
         return 0
+    from run import check_body, ensure_tool  # (not in the child: it puts this checkout on the path)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", action="append", default=[], help="another checkout to count too")
     args = ap.parse_args()
-    ensure_valgrind()
-    bare = count(ROOT, "bare")
+    ensure_tool("valgrind", "valgrind")
+    body = check_body(Path(tempfile.mkdtemp()))
+    bare = count(ROOT, "bare", body)
     print(f"per Check, cachegrind, {COUNTS[1] - COUNTS[0]} Checks counted")
     print(f"{'':34} {'instructions':>12} {'I1 misses':>10} {'D1 misses':>10}")
     print(f"{'baseline: parse, constant answer':34} {bare['I refs']:12,.0f} {bare['I1 misses']:10,.0f} {bare['D1 misses']:10,.0f}")
@@ -141,7 +124,7 @@ def main() -> int:
         for root in [ROOT, *map(Path, args.root)]:
             name = str(root)[-22:] if root != ROOT else "sidecar"
             for mode, label, env in (("sidecar", name, None), ("traced", f"{name}, traced", traced)):
-                c = count(root, mode, env)
+                c = count(root, mode, body, env)
                 added = c["I refs"] - bare["I refs"]
                 print(f"{label:34} {c['I refs']:12,.0f} {c['I1 misses']:10,.0f} {c['D1 misses']:10,.0f}"
                       f"   ({added:,.0f} beyond the baseline)")  # fmt: skip

@@ -181,12 +181,17 @@ def _wait_health(address: str, timeout: float = 60) -> None:
 # --- load --------------------------------------------------------------------------------------------
 
 
-def ensure_h2load() -> None:
-    if shutil.which("h2load"):
+def ensure_tool(command: str, package: str) -> None:
+    """Install the Debian `package` that provides `command` when it is missing."""
+    if shutil.which(command):
         return
-    print("installing h2load (Debian nghttp2-client) ...", file=sys.stderr)
+    print(f"installing {command} (Debian {package}) ...", file=sys.stderr)
     subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "nghttp2-client"], check=True, capture_output=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True, capture_output=True)
+
+
+def ensure_h2load() -> None:
+    ensure_tool("h2load", "nghttp2-client")
 
 
 def h2load(ports: list[int], body: Path, seconds: float, clients: int, streams: int, rps: int = 0) -> float:

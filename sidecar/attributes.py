@@ -104,9 +104,7 @@ def from_check_request(req: Any) -> RequestAttributes:
         if cred is None:
             cred = _credential(value)
             if len(value) <= _CREDENTIAL_CHARS and value.isascii():  # (isascii: a flag, O(1))
-                if len(_CREDENTIALS) >= _CREDENTIALS_MAX:
-                    _CREDENTIALS.clear()
-                _CREDENTIALS[value] = cred
+                _keep(_CREDENTIALS, _CREDENTIALS_MAX, value, cred)
     if cred is not None and cred[2]:
         # The credential is scanned once, when first seen (the longest value by far, and the
         # same on every call of a client): the other values here.
@@ -116,11 +114,7 @@ def from_check_request(req: Any) -> RequestAttributes:
         joined = "".join(headers.values()).encode("utf-8", "surrogatepass")
     names = (keys or "".join(headers)).encode("utf-8", "surrogatepass")
     # bytes.translate is a C loop: the common (clean) case costs well under a microsecond.
-    if (
-        len(joined) > MAX_HEADER_VALUE
-        or len(joined.translate(None, _CONTROL_BYTES)) != len(joined)
-        or len(names.translate(None, _NAME_FORBIDDEN)) != len(names)
-    ):
+    if not _values_clean(joined) or len(names.translate(None, _NAME_FORBIDDEN)) != len(names):
         # Rare path: find which header is oversized or carries control characters (tab is fine
         # in a value; a name has neither controls nor whitespace).
         for key, value in headers.items():
@@ -142,9 +136,7 @@ def from_check_request(req: Any) -> RequestAttributes:
         except PathError as e:
             known = "", str(e)
         if len(raw_path) <= _PATH_CHARS:
-            if len(_PATHS) >= _PATHS_MAX:
-                _PATHS.clear()
-            _PATHS[raw_path] = known
+            _keep(_PATHS, _PATHS_MAX, raw_path, known)
     path, path_error = known
 
     jwt_authn: dict[str, Any] = {}
@@ -184,13 +176,24 @@ def from_check_request(req: Any) -> RequestAttributes:
     )
 
 
+def _keep(memo: dict[str, Any], limit: int, key: str, value: Any) -> None:
+    """Remember `value` under `key` in one of the bounded memos: emptied when full."""
+    if len(memo) >= limit:
+        memo.clear()
+    memo[key] = value
+
+
+def _values_clean(raw: bytes) -> bool:
+    """Header values (UTF-8, joined) within MAX_HEADER_VALUE and free of control characters (tab
+    is fine in a value)."""
+    return len(raw) <= MAX_HEADER_VALUE and len(raw.translate(None, _CONTROL_BYTES)) == len(raw)
+
+
 def _credential(value: str) -> tuple[str, str, bool]:
     """(token, problem, clean) of a lone Authorization value: `_bearer([value])`, and whether the
-    value passes the header checks (no control characters, within MAX_HEADER_VALUE)."""
+    value passes the header checks on its own (`_values_clean`)."""
     token, problem = _bearer([value])
-    raw = value.encode("utf-8", "surrogatepass")
-    clean = len(raw) <= MAX_HEADER_VALUE and len(raw.translate(None, _CONTROL_BYTES)) == len(raw)
-    return token, problem, clean
+    return token, problem, _values_clean(value.encode("utf-8", "surrogatepass"))
 
 
 def _bearer(values: list[str]) -> tuple[str, str]:

@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
@@ -174,6 +174,14 @@ def story(envoy_addr: str) -> int:
     return failures
 
 
+def hold() -> NoReturn:
+    """Sleep until Ctrl-C (or SIGTERM) raises KeyboardInterrupt. In short sleeps: the kernel may hand
+    the signal to one of grpc's threads, which does not wake a sleep in this one; Python runs the
+    handler here when the sleep ends."""
+    while True:
+        time.sleep(0.2)
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     """SIGTERM behaves like Ctrl-C: unwind, stopping the children on the way out."""
     raise KeyboardInterrupt
@@ -207,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"\nHolding the stack: Envoy listens on {envoy_addr}. Press Ctrl-C to stop.", flush=True
                 )
-                while True:
-                    time.sleep(3600)
+                hold()
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130

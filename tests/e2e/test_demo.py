@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import e2e_stack as st
@@ -78,3 +80,45 @@ def test_demo_stops_everything_on_ctrl_c() -> None:
     assert p.returncode == 130, out + err
     assert "Stopped the sidecar, the bank and Envoy." in out
     assert not [port for port in ports if _listening(port)], "a demo process survived Ctrl-C"
+
+
+def test_hold_wakes_when_ctrl_c_lands_on_another_thread() -> None:
+    """The kernel may deliver a process-directed SIGINT to any thread (the demo has grpc's); one
+    that lands on another thread must still stop `hold()`, which sleeps in the main thread."""
+    spec = importlib.util.spec_from_file_location("stepup_demo", DEMO)
+    assert spec is not None and spec.loader is not None
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    main_thread = threading.main_thread().ident
+    assert main_thread == threading.get_ident()
+
+    class Stuck(Exception):
+        pass
+
+    def _stuck(signum: int, frame: object) -> None:
+        raise Stuck
+
+    done = threading.Event()
+
+    def _other_thread() -> None:
+        time.sleep(0.3)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # handled in main, but not woken
+        if not done.wait(5):
+            assert main_thread is not None
+            signal.pthread_kill(main_thread, signal.SIGUSR1)  # watchdog: the main thread still sleeps
+
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    old_usr1 = signal.signal(signal.SIGUSR1, _stuck)
+    t = threading.Thread(target=_other_thread, daemon=True)
+    t0 = time.monotonic()
+    try:
+        t.start()
+        with pytest.raises(KeyboardInterrupt):
+            demo.hold()
+        done.set()
+        assert time.monotonic() - t0 < 2
+    finally:
+        done.set()
+        t.join()
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGUSR1, old_usr1)

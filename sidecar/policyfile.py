@@ -374,13 +374,16 @@ def _fast_document(loader: Any, root: yaml.Node) -> Any:
     # level by level in document order (its state generators), a mapping's duplicate keys
     # refused before any of its entries is built (`_Loader.construct_mapping`), a key before
     # its value.
+    # A text scalar is its node's value, aliased or not (the same str object): taken in place,
+    # without a call (most of a policy's nodes).
+    scalar_node = yaml.ScalarNode
     result = get(root)
     queue = deque(fill)
     fill.clear()
     while queue:
         node, obj = queue.popleft()
         if type(obj) is list:
-            obj.extend([get(v) for v in node.value])
+            obj.extend([v.value if type(v) is scalar_node and v.tag == _STR else get(v) for v in node.value])
         else:
             seen: set[Any] = set()
             for knode, _ in node.value:
@@ -390,8 +393,8 @@ def _fast_document(loader: Any, root: yaml.Node) -> Any:
                     raise _DupKey((), knode.value, knode.start_mark.line + 1, knode.start_mark.column + 1)
                 seen.add(knode.value)
             for knode, vnode in node.value:
-                key = get(knode)
-                obj[key] = get(vnode)
+                key = knode.value if knode.tag == _STR else get(knode)  # (a scalar: checked above)
+                obj[key] = vnode.value if type(vnode) is scalar_node and vnode.tag == _STR else get(vnode)
         queue.extend(fill)
         fill.clear()
     return result

@@ -7,9 +7,15 @@ segments and repeated slashes instead of resolving them.
 
 from __future__ import annotations
 
-import pytest
+from typing import Any
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar import policy
 from sidecar.paths import PathError, normalize_path, valid_method
+from sidecar.policy import PatternError, parse_pattern
 
 
 @pytest.mark.parametrize(
@@ -19,7 +25,7 @@ from sidecar.paths import PathError, normalize_path, valid_method
         ("/%61dmin", "/admin"),
         ("/v1/accounts?id=1", "/v1/accounts"),
         ("/v1/accounts#frag", "/v1/accounts"),
-        ("/v1/accounts?q=[1]|{2}^`\"<>\\", "/v1/accounts"),
+        ('/v1/accounts?q=[1]|{2}^`"<>\\', "/v1/accounts"),
         ("/v1/accounts?q=\u00e9", "/v1/accounts"),
         ("/caf%c3%a9", "/caf%C3%A9"),
         ("/a%20b", "/a%20b"),
@@ -114,7 +120,9 @@ def test_method_tokens_are_valid_and_kept_as_sent(method: str) -> None:
     assert valid_method(method)
 
 
-@pytest.mark.parametrize("method", ["", "*", "G T", "GET ", "GE\x00T", "G\u00c9T", "A" * 33, "GET\n", "(GET)"])
+@pytest.mark.parametrize(
+    "method", ["", "*", "G T", "GET ", "GE\x00T", "G\u00c9T", "A" * 33, "GET\n", "(GET)"]
+)
 def test_methods_that_are_not_tokens_are_invalid(method: str) -> None:
     assert not valid_method(method)
 
@@ -125,7 +133,15 @@ def test_the_request_reading_remembers_paths_exactly_as_normalize_path_reads_the
     from sidecar import attributes
     from tests.helpers import check_request
 
-    raws = ["/bank.v1.Accounts/GetBalance", "/%61dmin", "/a/../b", "/a//b", "/v1/x?q=\x01", "/" + "a" * 300, "/a;b"]
+    raws = [
+        "/bank.v1.Accounts/GetBalance",
+        "/%61dmin",
+        "/a/../b",
+        "/a//b",
+        "/v1/x?q=\x01",
+        "/" + "a" * 300,
+        "/a;b",
+    ]
     for raw in raws:
         try:
             expected = (normalize_path(raw), "")
@@ -154,3 +170,43 @@ def test_valid_method_answers_the_same_once_remembered_and_after_its_memo_is_emp
         for m in cases:
             assert valid_method(m) == (token.fullmatch(m) is not None and m != "*"), m
     assert len(paths._VALID_METHODS) <= 256
+
+
+pattern_texts = st.one_of(
+    st.text(alphabet="/*.a-~_%Z9 ", max_size=14),
+    st.lists(
+        st.sampled_from(["a", "*", "**", ".", "..", "", "b.c", "-x", "~", "%41", "A9_"]), max_size=5
+    ).map(lambda segs: "/" + "/".join(segs)),
+    st.builds(
+        lambda m, p: f"{m} {p}",
+        st.sampled_from(["GET", "get", "*", "", " POST"]),
+        st.text("/a*.", max_size=6),
+    ),
+)
+
+
+def _pattern_outcome(parse: Any, text: str) -> Any:
+    try:
+        return parse(text)
+    except PatternError as e:
+        return ("error", str(e))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(text=pattern_texts)
+def test_the_pattern_fast_path_parses_as_the_general_one(text: str) -> None:
+    """parse_pattern's shortcut for plain patterns gives what the general parse gives, errors included."""
+    assert _pattern_outcome(parse_pattern, text) == _pattern_outcome(policy._parse_pattern, text), text
+
+
+@pytest.mark.parametrize("text", ["/a/b", "/a/*", "/a/**", "/*", "/**", "/a.b/c-d_e~f"])
+def test_plain_patterns_take_the_fast_path(text: str) -> None:
+    assert policy._SIMPLE.fullmatch(text)
+    assert parse_pattern(text) == policy._parse_pattern(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "/", "/a/", "/a//b", "/./a", "/a/..", "/a/*/b", "/a/**/b", "/a*", "GET /a", "/%41"]
+)
+def test_other_patterns_take_the_general_path(text: str) -> None:
+    assert not policy._SIMPLE.fullmatch(text)

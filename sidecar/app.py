@@ -72,23 +72,39 @@ def configure_logging(level: str) -> None:
 LARGE_YAML = 1 << 20  # bytes
 
 
-def _load(path: Path, keys: Any) -> Any:
-    """The start-up load. A large YAML file is parsed in a child process (as reloads are): the
-    parser's node tree would otherwise leave this process's heap several times the policy's size
-    for good (freed, but too fragmented to return). JSON, and small files, load here."""
-    from sidecar.compiler import PolicyError, load_policy, prime
-    from sidecar.isolated import load_isolated
-
+def _large_yaml(path: Path) -> bool:
     try:
-        large = path.suffix != ".json" and path.stat().st_size > LARGE_YAML
+        return path.suffix != ".json" and path.stat().st_size > LARGE_YAML
     except OSError:
-        large = False
-    if large:
+        return False
+
+
+def _load(path: Path, keys: Any, child: Any = None) -> Any:
+    """The start-up load. A large YAML file is parsed in a child process (as reloads are; `child`,
+    an `isolated.Validator` started on it): the parser's node tree would otherwise leave this
+    process's heap several times the policy's size for good (freed, but too fragmented to
+    return). JSON, and small files, load here."""
+    from sidecar.compiler import PolicyError, load_policy, prime
+
+    if child is not None:
         try:
-            return prime(load_isolated(path, keys=keys, compile_in_child=False), keys)
+            return prime(child.policy(keys), keys)
         except PolicyError:
             pass  # read it again here, for problems located by line (only for a broken file)
     return load_policy(path, keys=keys)
+
+
+def _import_serving() -> None:
+    """The modules `_run` needs, imported while the policy validator parses (the two overlap)."""
+    import sidecar.ops
+    import sidecar.runtime
+    import sidecar.server
+    import sidecar.telemetry  # noqa: F401
+
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def release_free_memory() -> None:
@@ -113,16 +129,28 @@ def serve(args: argparse.Namespace) -> int:
     if not args.policy:
         print("stepup-sidecar serve: --policy (or STEPUP_POLICY) is required", file=sys.stderr)
         return 2
-    from sidecar.compiler import PolicyError
-    from sidecar.keys import KeyStore
+    path = Path(args.policy)
+    child = None
+    if _large_yaml(path):
+        from sidecar.isolated import Validator
 
-    keys = KeyStore()
-    gc.disable()  # a load allocates millions of objects: collections of the growing heap only cost
+        child = Validator(path, compile_in_child=False)  # it parses while this process imports
+    from sidecar.policyfile import PolicyError
+
     try:
-        policy = _load(Path(args.policy), keys)
+        from sidecar.keys import KeyStore
+
+        keys = KeyStore()
+        gc.disable()  # a load allocates millions of objects: collections of the growing heap only cost
+        if child is not None and args.workers <= 1:
+            _import_serving()
+        policy = _load(path, keys, child)
     except PolicyError as e:
         print(f"stepup-sidecar: the policy is invalid, not starting:\n{e}", file=sys.stderr)
         return 1
+    finally:
+        if child is not None:
+            child.close()
     for w in policy.warnings:
         log.warning("policy: %s", w)
     if args.workers > 1:

@@ -28,12 +28,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from sidecar.compiler import compile_document, load_policy_data
-from sidecar.keys import KeyStore
-from sidecar.policy import Policy
-from sidecar.policyfile import PolicyError, Problem, content_digest, parse_text
+# (No imports of the parser or the compiler here: where they are used. The start-up load starts
+# the child before it imports them, and the child, `python -m sidecar.isolated`, needs only the
+# parser.)
+if TYPE_CHECKING:
+    from sidecar.keys import KeyStore
+    from sidecar.policy import Policy
+    from sidecar.policyfile import Problem
 
 CHILD_TIMEOUT = 300.0  # seconds; a policy that takes longer to validate is refused
 _GC_LOCK = threading.Lock()
@@ -52,49 +55,96 @@ def load_isolated(
     Call it from a worker thread (it blocks). Raises PolicyError listing every problem.
     `compile_in_child=False` (start-up, where nothing is served yet) has the child only parse
     and check the schema; compile problems are then found here, located by path only."""
-    path = Path(path)
-    argv = [python, "-m", "sidecar.isolated", str(path)]
-    if not compile_in_child:
-        argv.append("--parse-only")
-    if allow_insecure_jwks_http:
-        argv.append("--allow-insecure-jwks-http")
-    try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    except OSError as e:
-        raise PolicyError([Problem(str(path), 1, 1, "", f"cannot start the policy validator: {e}")]) from None
-    assert proc.stdout is not None and proc.stderr is not None
-    stderr: list[bytes] = []
-    drain = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
-    drain.start()
-    timer = threading.Timer(CHILD_TIMEOUT, proc.kill)
-    timer.start()
-    try:
-        with _gc_paused():
-            head, lines = _read(proc.stdout)
-            if head.get("ok") is not True:
-                problems = [Problem(**p) for p in head.get("problems", [])]
-                raise PolicyError(problems or [_failed(path, proc, stderr, drain)])
-            data = _assemble(head["document"], lines)
-            if proc.wait() != 0:
-                raise PolicyError([_failed(path, proc, stderr, drain)])
-            policy = load_policy_data(
-                data,
-                file=str(path),
-                base_dir=path.parent,
-                digest=head["digest"],
-                keys=keys if keys is not None else KeyStore(),
-                allow_insecure_jwks_http=allow_insecure_jwks_http,
-            )
-            del data, lines
-            return policy
-    except (ValueError, KeyError, TypeError) as e:  # the child's output is not what it should be
-        raise PolicyError([Problem(str(path), 1, 1, "", f"the policy validator failed: {e}")]) from None
-    finally:
-        timer.cancel()
+    child = Validator(
+        path,
+        allow_insecure_jwks_http=allow_insecure_jwks_http,
+        python=python,
+        compile_in_child=compile_in_child,
+    )
+    return child.policy(keys)
+
+
+class Validator:
+    """The child process of `load_isolated`, started at once: the caller may do other work while
+    it parses (the start-up load imports the serving modules meanwhile), then takes `policy()`."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        allow_insecure_jwks_http: bool = False,
+        python: str = sys.executable,
+        compile_in_child: bool = True,
+    ) -> None:
+        self.path = path = Path(path)
+        self.insecure = allow_insecure_jwks_http
+        argv = [python, "-m", "sidecar.isolated", str(path)]
+        if not compile_in_child:
+            argv.append("--parse-only")
+        if allow_insecure_jwks_http:
+            argv.append("--allow-insecure-jwks-http")
+        self.error = ""  # why there is no child
+        self.proc: subprocess.Popen[bytes] | None = None
+        try:
+            self.proc = proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as e:
+            self.error = f"cannot start the policy validator: {e}"
+            return
+        assert proc.stdout is not None and proc.stderr is not None
+        self.stderr: list[bytes] = []
+        self.drain = threading.Thread(target=lambda: self.stderr.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+        self.drain.start()
+        self.timer = threading.Timer(CHILD_TIMEOUT, proc.kill)
+        self.timer.start()
+
+    def policy(self, keys: KeyStore | None = None) -> Policy:
+        """The compiled policy (not primed), once the child is done. Raises PolicyError."""
+        from sidecar.compiler import load_policy_data
+        from sidecar.keys import KeyStore
+        from sidecar.policyfile import PolicyError, Problem
+
+        proc, path = self.proc, self.path
+        if proc is None:
+            raise PolicyError([Problem(str(path), 1, 1, "", self.error)])
+        assert proc.stdout is not None and proc.stderr is not None
+        stderr, drain = self.stderr, self.drain
+        try:
+            with _gc_paused():
+                head, lines = _read(proc.stdout)
+                if head.get("ok") is not True:
+                    problems = [Problem(**p) for p in head.get("problems", [])]
+                    raise PolicyError(problems or [_failed(path, proc, stderr, drain)])
+                data = _assemble(head["document"], lines)
+                if proc.wait() != 0:
+                    raise PolicyError([_failed(path, proc, stderr, drain)])
+                policy = load_policy_data(
+                    data,
+                    file=str(path),
+                    base_dir=path.parent,
+                    digest=head["digest"],
+                    keys=keys if keys is not None else KeyStore(),
+                    allow_insecure_jwks_http=self.insecure,
+                )
+                del data, lines
+                return policy
+        except (ValueError, KeyError, TypeError) as e:  # the child's output is not what it should be
+            raise PolicyError([Problem(str(path), 1, 1, "", f"the policy validator failed: {e}")]) from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the child (if still running) and release its pipes. Idempotent."""
+        proc = self.proc
+        if proc is None:
+            return
+        self.proc = None
+        self.error = "the policy validator was closed"
+        self.timer.cancel()
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        drain.join(5)
+        self.drain.join(5)
+        assert proc.stdout is not None and proc.stderr is not None
         proc.stdout.close()
         proc.stderr.close()
 
@@ -200,15 +250,17 @@ def _assemble(document: dict[str, Any], lines: Iterator[bytes]) -> dict[str, Any
 def _failed(
     path: Path, proc: subprocess.Popen[bytes], stderr: list[bytes], drain: threading.Thread
 ) -> Problem:
+    from sidecar.policyfile import Problem
+
     proc.wait()
     drain.join(5)
     tail = " | ".join(b"".join(stderr).decode(errors="replace").strip().splitlines()[-3:])
     return Problem(str(path), 1, 1, "", f"the policy validator exited with {proc.returncode}: {tail}")
 
 
-
-
 def _child(argv: list[str], out: IO[bytes]) -> int:
+    from sidecar.policyfile import PolicyError, content_digest, parse_text
+
     gc.disable()  # a short-lived process: collecting its growing heap would only cost time
     path = Path(argv[0])
     insecure = "--allow-insecure-jwks-http" in argv[1:]
@@ -216,6 +268,9 @@ def _child(argv: list[str], out: IO[bytes]) -> int:
         text = path.read_text(encoding="utf-8")
         doc = parse_text(text, str(path))
         if "--parse-only" not in argv[1:]:
+            from sidecar.compiler import compile_document
+            from sidecar.keys import KeyStore
+
             # Compiled to find every problem; a key store of its own that fetches nothing.
             compile_document(
                 doc, base_dir=path.parent, digest="", keys=KeyStore(), allow_insecure_jwks_http=insecure

@@ -114,8 +114,20 @@ def test_request_content_never_reaches_the_operational_log(tmp_path: Path) -> No
     listen = f"127.0.0.1:{free_port()}"
     secret = "s3cr3t-from-the-client"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "serve", "--policy", str(EXAMPLE_POLICY), "--listen", listen,
-         "--watch-interval", "0", "--log-level", "debug"],
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "serve",
+            "--policy",
+            str(EXAMPLE_POLICY),
+            "--listen",
+            listen,
+            "--watch-interval",
+            "0",
+            "--log-level",
+            "debug",
+        ],
         env={**os.environ, "OTEL_TRACES_EXPORTER": "console"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -131,7 +143,11 @@ def test_request_content_never_reaches_the_operational_log(tmp_path: Path) -> No
                 "baggage": f"{secret}=%%%",
                 "x-note": secret,
             }
-            for method, path in (("GET", "/healthz"), (f"G {secret}", "/healthz"), ("GET", f"/{secret}/../x")):
+            for method, path in (
+                ("GET", "/healthz"),
+                (f"G {secret}", "/healthz"),
+                ("GET", f"/{secret}/../x"),
+            ):
                 resp = stub.Check(check_request(path, method=method, grpc=False, headers=headers), timeout=5)
                 assert resp.status.code in (0, 3, 7)
     finally:
@@ -141,3 +157,56 @@ def test_request_content_never_reaches_the_operational_log(tmp_path: Path) -> No
     assert secret not in err, err[-2000:]
     decisions = [line for line in out.splitlines() if line.startswith('{"ts"')]
     assert len(decisions) == 3 and not any(secret in line for line in decisions)
+
+
+def _serve_argv(policy: Path, listen: str) -> list[str]:
+    return [
+        sys.executable, "-m", "sidecar", "serve", "--policy", str(policy), "--listen", listen,
+        "--decision-log", "off", "--watch-interval", "0",
+    ]  # fmt: skip
+
+
+def test_a_large_yaml_policy_is_parsed_in_a_child_at_start_up_and_decides(tmp_path: Path) -> None:
+    """Past 1 MiB a YAML policy is parsed by the validator child while serve imports: what
+    serves is that policy, rule for rule."""
+    from bench.decide import generated_policy
+    from sidecar import app
+
+    path = generated_policy(20_000, tmp_path)
+    assert path.stat().st_size > app.LARGE_YAML
+    listen = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        _serve_argv(path, listen), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_serving(listen, timeout=60)
+        with grpc.insecure_channel(listen) as ch:
+            stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+            # s9999/p9999 (the last generated pair): low, granted to role499; no token: a step-up.
+            resp = stub.Check(check_request("/gen8.v1.Service9999/Get"), timeout=10)
+            assert resp.status.code == 16  # UNAUTHENTICATED: the low level asks for a login
+            resp = stub.Check(check_request("/gen8.v1.Service10000/Get"), timeout=10)
+            assert resp.status.code == 7  # PERMISSION_DENIED: past the generated rules, no rule
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+
+
+def test_a_large_broken_yaml_policy_is_refused_with_its_place(tmp_path: Path) -> None:
+    """The child reports the problem; serve reads the file again itself for its line and column."""
+    from bench.decide import generated_policy
+
+    text = generated_policy(20_000, tmp_path).read_text()
+    bad_rule = "    - {id: s5000, match: "
+    assert bad_rule in text
+    text = text.replace(bad_rule, "    - {id: s5000, level: nowhere, match: ", 1)
+    bad = tmp_path / "big.yaml"
+    bad.write_text(text)
+    line = text[: text.index("    - {id: s5000, ")].count("\n") + 1
+    proc = subprocess.run(
+        _serve_argv(bad, f"127.0.0.1:{free_port()}"), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "the policy is invalid, not starting" in proc.stderr
+    assert f"{bad}:{line}:" in proc.stderr and "sensitivity.rules[5000]" in proc.stderr, proc.stderr

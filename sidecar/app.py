@@ -86,12 +86,18 @@ def _load(path: Path, keys: Any, child: Any = None) -> Any:
     return). JSON, and small files, load here."""
     from sidecar.compiler import PolicyError, load_policy, prime
 
+    failed = None
     if child is not None:
         try:
             return prime(child.policy(keys), keys)
-        except PolicyError:
-            pass  # read it again here, for problems located by line (only for a broken file)
-    return load_policy(path, keys=keys)
+        except PolicyError as e:
+            failed = e  # read it again here, for problems located by line (only for a broken file)
+    policy = load_policy(path, keys=keys)
+    if failed is not None:  # a good file that the child could not hand over: say so
+        log.warning(
+            "the policy validator failed (%s); the policy was loaded in this process", str(failed)
+        )
+    return policy
 
 
 def _import_serving() -> None:
@@ -135,19 +141,19 @@ def serve(args: argparse.Namespace) -> int:
         from sidecar.isolated import Validator
 
         child = Validator(path, compile_in_child=False)  # it parses while this process imports
-    from sidecar.policyfile import PolicyError
-
-    try:
+    try:  # (from here on, whatever happens, even a Ctrl-C during an import, stops the child)
         from sidecar.keys import KeyStore
+        from sidecar.policyfile import PolicyError
 
         keys = KeyStore()
         gc.disable()  # a load allocates millions of objects: collections of the growing heap only cost
         if child is not None and args.workers <= 1:
             _import_serving()
-        policy = _load(path, keys, child)
-    except PolicyError as e:
-        print(f"stepup-sidecar: the policy is invalid, not starting:\n{e}", file=sys.stderr)
-        return 1
+        try:
+            policy = _load(path, keys, child)
+        except PolicyError as e:
+            print(f"stepup-sidecar: the policy is invalid, not starting:\n{e}", file=sys.stderr)
+            return 1
     finally:
         if child is not None:
             child.close()

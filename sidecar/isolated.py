@@ -78,7 +78,9 @@ class Validator:
     ) -> None:
         self.path = path = Path(path)
         self.insecure = allow_insecure_jwks_http
-        argv = [python, "-m", "sidecar.isolated", str(path)]
+        # -P: the package installed with this interpreter, never a `sidecar/` in the working
+        # directory (which `python -m` would otherwise put first on the path).
+        argv = [python, "-P", "-m", "sidecar.isolated", str(path)]
         if not compile_in_child:
             argv.append("--parse-only")
         if allow_insecure_jwks_http:
@@ -95,6 +97,7 @@ class Validator:
         self.drain = threading.Thread(target=lambda: self.stderr.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
         self.drain.start()
         self.timer = threading.Timer(CHILD_TIMEOUT, proc.kill)
+        self.timer.daemon = True  # (never what keeps a process from exiting)
         self.timer.start()
 
     def policy(self, keys: KeyStore | None = None) -> Policy:
@@ -127,8 +130,10 @@ class Validator:
                 )
                 del data, lines
                 return policy
-        except (ValueError, KeyError, TypeError) as e:  # the child's output is not what it should be
-            raise PolicyError([Problem(str(path), 1, 1, "", f"the policy validator failed: {e}")]) from None
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            # The child's output is not what it should be.
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise PolicyError([Problem(str(path), 1, 1, "", f"the policy validator failed: {why}")]) from None
         finally:
             self.close()
 

@@ -189,7 +189,7 @@ def test_a_large_yaml_policy_is_parsed_in_a_child_at_start_up_and_decides(tmp_pa
             assert resp.status.code == 7  # PERMISSION_DENIED: past the generated rules, no rule
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
 
 

@@ -128,10 +128,15 @@ def test_the_isolated_loader_gives_the_same_policy_as_the_in_process_one(tmp_pat
     ("text", "expected"),
     [
         ("version: [\n", ":2:1: (document): invalid YAML"),
-        (text_with_transfer("nonexistent"), "sensitivity.rules[3].level: unknown sensitivity level 'nonexistent'"),
+        (
+            text_with_transfer("nonexistent"),
+            "sensitivity.rules[3].level: unknown sensitivity level 'nonexistent'",
+        ),
     ],
 )
-def test_the_isolated_loader_reports_problems_with_their_place(tmp_path: Path, text: str, expected: str) -> None:
+def test_the_isolated_loader_reports_problems_with_their_place(
+    tmp_path: Path, text: str, expected: str
+) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(text)
     with pytest.raises(PolicyError) as isolated:
@@ -203,7 +208,9 @@ def test_cyclic_garbage_made_while_a_reload_compiles_is_freed_not_frozen(tmp_pat
     alive = sum(1 for r in refs if r() is not None)
     # A cycle still in use at a slice's instant (a Check in flight) is frozen with the policy and
     # leaks when it is dropped: a few per reload at most. Before, every one of them was frozen.
-    assert alive <= len(refs) // 50, f"{alive} of {len(refs)} cyclic garbage objects were frozen by the reload"
+    assert alive <= len(refs) // 50, (
+        f"{alive} of {len(refs)} cyclic garbage objects were frozen by the reload"
+    )
 
 
 def test_a_replaced_policy_is_dismantled_only_when_nothing_uses_it(tmp_path: Path) -> None:
@@ -224,8 +231,20 @@ def test_sighup_reloads_a_serving_sidecar_through_the_isolated_loader(tmp_path: 
     path.write_text(text_with_transfer("high"))
     listen = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "serve", "--policy", str(path), "--listen", listen,
-         "--watch-interval", "0", "--decision-log", "off"],
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "serve",
+            "--policy",
+            str(path),
+            "--listen",
+            listen,
+            "--watch-interval",
+            "0",
+            "--decision-log",
+            "off",
+        ],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "STEPUP_LOG_LEVEL": "info"},
@@ -252,8 +271,12 @@ def test_sighup_reloads_a_serving_sidecar_through_the_isolated_loader(tmp_path: 
     assert "policy reloaded" in err and "policy reload rejected" in err and "invalid YAML" in err
 
 
-@pytest.mark.parametrize("compile_in_child", [True, False], ids=["reload: a line per rule", "start-up: a line per table"])
-def test_a_large_policy_loaded_isolated_decides_as_the_in_process_one(tmp_path: Path, compile_in_child: bool) -> None:
+@pytest.mark.parametrize(
+    "compile_in_child", [True, False], ids=["reload: a line per rule", "start-up: a line per table"]
+)
+def test_a_large_policy_loaded_isolated_decides_as_the_in_process_one(
+    tmp_path: Path, compile_in_child: bool
+) -> None:
     from bench.decide import generated_policy
     from sidecar.attributes import from_check_request
 
@@ -265,3 +288,70 @@ def test_a_large_policy_loaded_isolated_decides_as_the_in_process_one(tmp_path: 
         got, want = Engine(isolated).decide(a, 0), Engine(local).decide(a, 0)
         assert (got.reason, got.matched_rules) == (want.reason, want.matched_rules)
         assert got.matched_rules == ((f"s{i}",) if i < 1_000 else ())
+
+
+def test_the_validator_child_is_this_package_not_one_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m` puts the working directory first on the path: a `sidecar/` package there
+    must not stand in for the validator (helper-19 F5: it served another policy)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(example_policy_text())
+    evil = tmp_path / "cwd" / "sidecar"
+    evil.mkdir(parents=True)
+    (evil / "__init__.py").write_text("")
+    (evil / "isolated.py").write_text(
+        "import json, sys\n"
+        'print(json.dumps({"ok": False, "problems": [{"file": "evil", "line": 1, "column": 1,'
+        ' "where": "", "message": "NOT THE VALIDATOR"}]}))\n'
+    )
+    monkeypatch.chdir(tmp_path / "cwd")
+    got = load_isolated(policy)
+    assert got.version == load_policy(policy).version
+
+
+def test_a_validator_that_writes_deeply_nested_output_is_a_policy_error(tmp_path: Path) -> None:
+    """Whatever the child writes is refused as a PolicyError, never an uncaught exception
+    (helper-19 F6: a RecursionError crashed serve)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(example_policy_text())
+    fake = tmp_path / "fake-python"
+    nested = "[" * 200_000 + "]" * 200_000
+    fake.write_text(f'#!/bin/sh\necho \'{{"ok": true, "digest": "x", "document": {nested}}}\'\n')
+    fake.chmod(0o755)
+    with pytest.raises(PolicyError) as e:
+        load_isolated(policy, python=str(fake))
+    assert "the policy validator failed: nested too deeply" in str(e.value)
+
+
+def test_ctrl_c_during_start_up_stops_the_validator_child(tmp_path: Path) -> None:
+    """A large YAML policy's validator starts before serve's imports: an interrupt during them
+    (here: during the first import of the parser) stops the child at once (helper-19 F1: it ran
+    on, and serve waited for its 300 s timer)."""
+    from bench.decide import generated_policy
+
+    policy = generated_policy(20_000, tmp_path)
+    script = (
+        "import sys, sidecar.app as app, sidecar.isolated as iso\n"
+        "made = []\n"
+        "class V(iso.Validator):\n"
+        "    def __init__(self, *a, **k):\n"
+        "        super().__init__(*a, **k); made.append(self.proc)\n"
+        "iso.Validator = V\n"
+        "class Interrupt:  # Ctrl-C during serve's first import of the parser\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'sidecar.policyfile': raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from sidecar import cli\n"
+        "try:\n"
+        f"    cli.main(['serve', '--policy', {str(policy)!r}, '--listen', '127.0.0.1:0'])\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', made[0].pid, made[0].poll())\n"
+    )
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - t0 < 30, "serve waited for the validator's timer"
+    word, pid, code = r.stdout.split()
+    assert word == "interrupted", r.stdout + r.stderr
+    assert code != "None", "the validator child was still running"
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()

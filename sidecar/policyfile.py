@@ -216,13 +216,20 @@ class YAMLProblem(ValueError):
 # ten of the one before, are a billion values). Loading shares the aliased objects, so it is
 # cheap; whatever walks the values (validation, str(), the JSON encoder) is not.
 MAX_EXPANDED_VALUES = 10_000_000
-ALIASES_TOO_FAR = f"its aliases expand to more than {MAX_EXPANDED_VALUES:,} values (or refer to themselves)"
+TEXT_UNIT = 16  # a string counts as one value per this many characters (and one for itself)
+ALIASES_TOO_FAR = (
+    f"its aliases expand to more than {MAX_EXPANDED_VALUES:,} values, a string counting one per"
+    f" {TEXT_UNIT} characters (or refer to themselves)"
+)
 
 
 def expanded_size(data: Any, limit: int = MAX_EXPANDED_VALUES) -> int:
     """How many values `data` holds once every alias is expanded (counted per distinct object,
-    in a loop: linear in what was loaded); stops counting past `limit`. A structure that
-    contains itself (`&a [*a]`) is endless: limit + 1."""
+    in a loop: linear in what was loaded); stops counting past `limit`. A string counts one more
+    per TEXT_UNIT characters, key or value: shared in this process, an aliased string is written
+    out again at each alias when the document is handed over as JSON (helper-19 F4: a 1.3 MB file
+    of 4,000 aliases to a 50 KB string took 600 MB). A structure that contains itself
+    (`&a [*a]`) is endless: limit + 1."""
     sizes: dict[int, int] = {}
     path: set[int] = set()  # the containers being counted: an ancestor met again is a cycle
     todo: list[tuple[Any, bool]] = [(data, False)]
@@ -240,8 +247,13 @@ def expanded_size(data: Any, limit: int = MAX_EXPANDED_VALUES) -> int:
             continue
         path.discard(id(node))
         total = 1
+        if isinstance(node, dict):
+            total += sum(len(k) // TEXT_UNIT for k in node if type(k) is str)
         for k in kids:
-            total += sizes.get(id(k), 1) if isinstance(k, dict | list) else 1
+            if isinstance(k, dict | list):
+                total += sizes.get(id(k), 1)
+            else:
+                total += 1 + len(k) // TEXT_UNIT if type(k) is str else 1
             if total > limit:
                 return total
         sizes[id(node)] = total
@@ -564,6 +576,7 @@ def _problems(data: Any) -> list[tuple[PathT, str]]:
             skeleton = {**data, "permissions": [], "sensitivity": {**data["sensitivity"], "rules": []}}
             errors = sorted(_VALIDATOR.iter_errors(skeleton), key=lambda e: list(map(str, e.absolute_path)))
             found += [(tuple(e.absolute_path), _schema_message(e)) for e in errors]
+            found += _non_text_keys(skeleton)
             for base, items, fast, validator in (
                 (("sensitivity", "rules"), rules["sensitivity"], _sensitivity_rule_ok, _SENS_RULE),
                 (("permissions",), rules["permissions"], _permission_rule_ok, _PERM_RULE),
@@ -578,6 +591,30 @@ def _problems(data: Any) -> list[tuple[PathT, str]]:
             return found
     errors = sorted(_VALIDATOR.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
     return [(tuple(e.absolute_path), _schema_message(e)) for e in errors]
+
+
+def _non_text_keys(data: Any) -> list[tuple[PathT, str]]:
+    """Every mapping key that is not text (YAML's `1:`, `yes:`, `~:`): the schema cannot tell
+    (its key patterns apply to text only), and a policy handed over as JSON (the start-up
+    validator's) would read it as text, a meaning the file does not have (helper-19 F3). The rule
+    lists are not walked: their keys are checked with each rule."""
+    found: list[tuple[PathT, str]] = []
+    seen: set[int] = set()  # (an alias: the same object, walked once)
+    todo: list[tuple[Any, PathT]] = [(data, ())]
+    while todo:
+        node, path = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if not isinstance(k, str):
+                    found.append(((*path, str(k)), f"the key {_clip(repr(k), 80)} is not text: quote it"))
+                elif isinstance(v, dict | list):
+                    todo.append((v, (*path, k)))
+        elif isinstance(node, list):
+            todo.extend((v, (*path, i)) for i, v in enumerate(node) if isinstance(v, dict | list))
+    return sorted(found, key=lambda f: list(map(str, f[0])))
 
 
 _ID = re.compile(_SCHEMA["$defs"]["id"]["pattern"])

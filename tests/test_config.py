@@ -306,3 +306,39 @@ def test_the_fast_rule_check_never_accepts_what_the_schema_refuses(r: dict[str, 
         assert not list(_pf._SENS_RULE.iter_errors(r)), r
     if _pf._permission_rule_ok(r):
         assert not list(_pf._PERM_RULE.iter_errors(r)), r
+
+
+@pytest.mark.parametrize("key", ["1", "yes", "~", "1.5", "2026-01-01", "0x1F"])
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("      aal3: {accept: [phrh]}\n", "      aal3: {accept: [phrh], implies_amr: {KEY: [hwk]}}\n"),
+        ("    aal1: a password login\n", "    aal1: a password login\n    KEY: a login\n"),
+    ],
+    ids=["implies_amr", "describe"],
+)
+def test_a_key_that_is_not_text_is_refused_with_its_place(tmp_path: Path, key: str, old: str, new: str) -> None:
+    """YAML reads `1:` as the number 1, `yes:` as true: the schema's key patterns do not see them,
+    and JSON (the start-up validator's hand-over) would turn them into text. Refused everywhere,
+    small file or large (helper-19 F3: past 1 MiB `implies_amr: {1: [hwk]}` was served)."""
+    from sidecar import app
+    from sidecar.compiler import load_policy
+    from sidecar.isolated import load_isolated
+
+    text = example_policy_text()
+    assert old in text
+    text = text.replace(old, new.replace("KEY", key), 1)
+    line = text[: text.index(new.replace("KEY", key))].count("\n") + 1 + (new.count("\n") - 1)
+    path = tmp_path / "policy.yaml"
+    (tmp_path / "keys").symlink_to(EXAMPLE_POLICY.parent / "keys")
+    path.write_text(text)
+    with pytest.raises(PolicyError) as local:
+        load_policy(path)
+    [problem] = [p for p in local.value.problems if p.message.endswith("is not text: quote it")]
+    # At the key; a key whose value reads other than its text (yes: True) at its mapping.
+    assert problem.line == line if key in ("1", "1.5", "2026-01-01") else problem.line in (line, line - 1)
+    path.write_text(text + "#" + "x" * app.LARGE_YAML + "\n")  # large: serve's start-up validator
+    with pytest.raises(PolicyError) as isolated:
+        load_isolated(path, compile_in_child=False)
+    assert "is not text: quote it" in str(isolated.value)
+    assert str(isolated.value) == str(local.value)

@@ -308,7 +308,10 @@ def _laughs(levels: int = 9) -> str:
     return "{" + ", ".join(out) + "}"
 
 
-LAUGHS = "its aliases expand to more than 10,000,000 values (or refer to themselves)"
+LAUGHS = (
+    "its aliases expand to more than 10,000,000 values, a string counting one per 16 characters"
+    " (or refer to themselves)"
+)
 
 
 def test_yaml_aliases_that_expand_without_bound_are_refused_at_once(
@@ -327,6 +330,27 @@ def test_yaml_aliases_that_expand_without_bound_are_refused_at_once(
     assert (code, err.strip()) == (2, f"stepup-sidecar dev-token: {tmp_path}/loop.yaml: {LAUGHS}")
     text = example_policy_text().replace("realm: bank\n", f"realm: bank\nx-laughs: {_laughs()}\n")
     assert _problems(text, "p.yaml") == [f"p.yaml:1:1: (document): {LAUGHS}"]
+
+
+def test_aliases_of_a_long_string_count_its_length(tmp_path: Path) -> None:
+    """4,000 aliases of one 50 KB string are 4,000 values but 200 MB once written out (as the
+    start-up validator hands a large policy over, in JSON): refused (helper-19 F4: 600 MB from a
+    1.3 MB file). The same aliases of a short string are fine."""
+    from sidecar.compiler import load_policy
+
+    def policy(width: int) -> Path:
+        head, _, _ = example_policy_text().partition("permissions:\n")
+        out = [head, "permissions:\n", f"  - {{id: p0, match: [/p0], allow: {{users: [&s u{'x' * width}]}}}}\n"]
+        out += [f"  - {{id: p{i}, match: [/p{i}], allow: {{users: [*s]}}}}\n" for i in range(1, 4000)]
+        path = tmp_path / f"w{width}.yaml"
+        path.write_text("".join(out))
+        return path
+
+    (tmp_path / "keys").symlink_to(EXAMPLE_POLICY.parent / "keys")
+    with pytest.raises(PolicyError) as e:
+        load_policy(policy(50_000))
+    assert [p.message for p in e.value.problems] == [LAUGHS]
+    assert load_policy(policy(10)).version.startswith("bank-demo@")  # not refused
 
 
 def test_aliases_used_to_share_claims_still_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -135,11 +135,12 @@ def serve(args: argparse.Namespace) -> int:
     if not args.policy:
         print("stepup-sidecar serve: --policy (or STEPUP_POLICY) is required", file=sys.stderr)
         return 2
+    from sidecar.isolated import Validator, file_stamp
+
     path = Path(args.policy)
+    read_stamp = file_stamp(str(path))  # (before it is read: a change meanwhile is reloaded)
     child = None
     if _large_yaml(path):
-        from sidecar.isolated import Validator
-
         child = Validator(path, compile_in_child=False)  # it parses while this process imports
     try:  # (from here on, whatever happens, even a Ctrl-C during an import, stops the child)
         from sidecar.keys import KeyStore
@@ -177,10 +178,10 @@ def serve(args: argparse.Namespace) -> int:
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover
         runner = asyncio.run
-    return int(runner(_run(args, policy, keys)))
+    return int(runner(_run(args, policy, keys, read_stamp)))
 
 
-async def _run(args: argparse.Namespace, policy: Any, keys: Any) -> int:
+async def _run(args: argparse.Namespace, policy: Any, keys: Any, read_stamp: tuple[Any, ...]) -> int:
     from sidecar.ops import Liveness, start_ops_server
     from sidecar.runtime import PolicyWatcher, Runtime
     from sidecar.server import build_health_server, build_server, set_serving
@@ -242,7 +243,7 @@ async def _run(args: argparse.Namespace, policy: Any, keys: Any) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, sig)
-    watchers = [PolicyWatcher(Path(args.policy), runtime, args.watch_interval)]
+    watchers = [PolicyWatcher(Path(args.policy), runtime, args.watch_interval, read_stamp=read_stamp)]
     if candidate_watcher is not None:
         watchers.append(candidate_watcher)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -152,6 +153,17 @@ class Validator:
         assert proc.stdout is not None and proc.stderr is not None
         proc.stdout.close()
         proc.stderr.close()
+
+
+def file_stamp(file: str) -> tuple[Any, ...]:
+    """What identifies a file's contents cheaply (the reload watcher compares these): its real
+    path, modification time, size and inode."""
+    try:
+        real = os.path.realpath(file)
+        st = os.stat(real)
+        return (real, st.st_mtime_ns, st.st_size, st.st_ino)
+    except OSError:
+        return (str(file), "missing")
 
 
 def settle(policy: Policy, *, collect: bool = False) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from sidecar.attributes import RequestAttributes, from_check_request
 from sidecar.compiler import prime
 from sidecar.decision import Decision
 from sidecar.engine import DECISION_CACHE, Engine, IdentityCell, ShadowResult
-from sidecar.isolated import load_isolated, retire, settle
+from sidecar.isolated import file_stamp, load_isolated, retire, settle
 from sidecar.keys import KeyStore, RemoteKeys
 from sidecar.policy import Policy
 from sidecar.policyfile import PolicyError
@@ -241,10 +240,13 @@ class PolicyWatcher:
         loader: Callable[[Path], Policy] | None = None,
         *,
         candidate: bool = False,
+        read_stamp: tuple[Any, ...] | None = None,
     ):
         """`candidate`: watch the candidate policy (`serve --candidate`) rather than the active one.
         A missing candidate file means no candidate (promoting one is moving its file over the
-        active policy's); a broken one is rejected like a broken policy, the last good one stays."""
+        active policy's); a broken one is rejected like a broken policy, the last good one stays.
+        `read_stamp`: the policy file's `file_stamp` from before the serving policy was read from
+        it (the start-up load): a file replaced since then is loaded at the first check."""
         self.path = path
         self.runtime = runtime
         self.interval = interval
@@ -255,6 +257,8 @@ class PolicyWatcher:
         self.loader = loader or functools.partial(load_isolated, keys=runtime.keys)
         self.last_error: str = ""
         self._stamp = self._fingerprint()
+        if read_stamp is not None and self._stamp[:1] != (read_stamp,):
+            self._stamp = ()  # replaced while it was being read (helper-19 F2): reload it
         self._lock = asyncio.Lock()
         self._requested = 0  # reload requests so far
         self._covered = 0  # requests a finished or running load has started after
@@ -265,12 +269,7 @@ class PolicyWatcher:
         stamp: list[Any] = []
         current = self.current()
         for f in (str(self.path), *(current.files if current is not None else ())):
-            try:
-                real = os.path.realpath(f)
-                st = os.stat(real)
-                stamp.append((real, st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                stamp.append((str(f), "missing"))
+            stamp.append(file_stamp(f))
         return tuple(stamp)
 
     def current(self) -> Policy | None:

@@ -355,3 +355,25 @@ def test_ctrl_c_during_start_up_stops_the_validator_child(tmp_path: Path) -> Non
     assert word == "interrupted", r.stdout + r.stderr
     assert code != "None", "the validator child was still running"
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+@pytest.mark.parametrize("replaced", [True, False], ids=["replaced while read", "unchanged"])
+def test_a_policy_replaced_while_start_up_read_it_is_loaded_at_the_first_check(
+    tmp_path: Path, replaced: bool
+) -> None:
+    """serve stamps the policy file before reading it and hands the stamp to the watcher: a file
+    replaced meanwhile is loaded at the first check (helper-19 F2: it never was, since the
+    watcher's first stamp was taken after the replacement)."""
+    from sidecar.isolated import file_stamp
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(text_with_transfer("high"))
+    stamp = file_stamp(str(path))  # what serve does before its load
+    runtime = Runtime(load_policy(path), Telemetry(None, decision_log=None, metrics=Metrics()))
+    before = runtime.policy.version
+    if replaced:
+        path.write_text(text_with_transfer("critical"))  # a ConfigMap update during start-up
+    watcher = PolicyWatcher(path, runtime, interval=0, loader=load_policy, read_stamp=stamp)
+    assert asyncio.run(watcher.check()) is replaced
+    assert (runtime.policy.version != before) is replaced
+    assert runtime.policy.version == load_policy(path).version

@@ -114,20 +114,8 @@ def test_request_content_never_reaches_the_operational_log(tmp_path: Path) -> No
     listen = f"127.0.0.1:{free_port()}"
     secret = "s3cr3t-from-the-client"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sidecar",
-            "serve",
-            "--policy",
-            str(EXAMPLE_POLICY),
-            "--listen",
-            listen,
-            "--watch-interval",
-            "0",
-            "--log-level",
-            "debug",
-        ],
+        [sys.executable, "-m", "sidecar", "serve", "--policy", str(EXAMPLE_POLICY), "--listen", listen,
+         "--watch-interval", "0", "--log-level", "debug"],
         env={**os.environ, "OTEL_TRACES_EXPORTER": "console"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -143,11 +131,7 @@ def test_request_content_never_reaches_the_operational_log(tmp_path: Path) -> No
                 "baggage": f"{secret}=%%%",
                 "x-note": secret,
             }
-            for method, path in (
-                ("GET", "/healthz"),
-                (f"G {secret}", "/healthz"),
-                ("GET", f"/{secret}/../x"),
-            ):
+            for method, path in (("GET", "/healthz"), (f"G {secret}", "/healthz"), ("GET", f"/{secret}/../x")):
                 resp = stub.Check(check_request(path, method=method, grpc=False, headers=headers), timeout=5)
                 assert resp.status.code in (0, 3, 7)
     finally:

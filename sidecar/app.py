@@ -11,7 +11,10 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sidecar.isolated import Validator
 
 log = logging.getLogger("stepup")
 
@@ -79,7 +82,7 @@ def _large_yaml(path: Path) -> bool:
         return False
 
 
-def _load(path: Path, keys: Any, child: Any = None) -> Any:
+def _load(path: Path, keys: Any, child: Validator | None = None) -> Any:
     """The start-up load. A large YAML file is parsed in a child process (as reloads are; `child`,
     an `isolated.Validator` started on it): the parser's node tree would otherwise leave this
     process's heap several times the policy's size for good (freed, but too fragmented to

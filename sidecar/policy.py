@@ -63,7 +63,8 @@ def _parse_pattern(text: str) -> Pattern:
             raise PatternError(f"{method!r} is not an HTTP method")
         if method != method.upper() and method.upper() in _STANDARD_METHODS:
             raise PatternError(
-                f"methods are case-sensitive (RFC 9110 §9.1): {method!r} would not match {method.upper()!r}"
+                f"methods are case-sensitive (RFC 9110 §9.1): {method!r} would not match"
+                f" {method.upper()!r}"
             )
     if not path.startswith("/"):
         raise PatternError("a pattern's path must start with '/'")
